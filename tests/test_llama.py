@@ -102,7 +102,7 @@ def test_rope_position_zero_is_identity_and_batched_positions_work():
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96, **kw)
+    cfg = Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96, n_inject=2, **kw)
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -1,0 +1,83 @@
+"""tree.py: preserved nodes partition each chunk; kept entries; split noise; the policies."""
+import torch
+from hypothesis import given, settings, strategies as st
+
+import tree
+
+
+def random_choice(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda level, left, right: torch.rand(len(left), generator=g) < 0.5
+
+
+@settings(max_examples=50, deadline=None)
+@given(depth=st.integers(1, 5), log_extra=st.integers(0, 5), n=st.integers(1, 6), seed=st.integers(0, 2**31),
+       noise=st.booleans())
+def test_preserved_nodes_partition_the_chunk_in_order(depth, log_extra, n, seed, noise):
+    L = 2 ** (depth + log_extra)
+    gen = torch.Generator().manual_seed(seed) if noise else None
+    for nodes in tree.descend(n, L, depth, random_choice(seed), gen):
+        assert nodes[0].start == 0 and nodes[-1].end == L
+        assert all(a.end == b.start for a, b in zip(nodes, nodes[1:])), nodes  # contiguous, in text order
+        assert all(node.end > node.start for node in nodes)
+        assert sorted(node.level for node in nodes) == list(range(1, depth + 1)) + [depth]
+        if not noise:  # exact halves: level d keeps L / 2^d tokens, twice at the last level
+            assert all(node.end - node.start == L >> node.level for node in nodes)
+        s = tree.strides(depth)
+        assert tree.entries(nodes, s) >= depth + 1  # every node keeps at least its first token
+
+
+@settings(max_examples=25, deadline=None)
+@given(depth=st.integers(1, 5), finest=st.sampled_from([1, 2, 4, 8]), log_extra=st.integers(3, 6))
+def test_kept_entries_at_exact_halves(depth, finest, log_extra):
+    L = finest * 2 ** (depth + log_extra)
+    nodes = tree.descend(1, L, depth, lambda *a: tree.right_policy(1))[0]
+    s = tree.strides(depth, finest)
+    beta = finest * 2 ** depth / (depth + 1)  # chunk tokens per kept entry
+    assert tree.entries(nodes, s) == L / beta
+    for node in nodes:
+        kept = list(tree.kept_positions(node, s))
+        assert kept[0] == node.start and kept[-1] < node.end
+        assert all(b - a == s[node.level - 1] for a, b in zip(kept, kept[1:]))
+
+
+def test_defaults_keep_128_entries_per_1024_chunk():
+    nodes = tree.descend(1, 1024, 3, lambda *a: tree.right_policy(1))[0]
+    assert tree.strides(3) == [16, 8, 4]
+    assert [(n.start, n.end, n.level) for n in nodes] == [(0, 512, 1), (512, 768, 2), (768, 896, 3), (896, 1024, 3)]
+    assert tree.entries(nodes, tree.strides(3)) == 128
+
+
+@settings(max_examples=50, deadline=None)
+@given(length=st.integers(2, 4096), seed=st.integers(0, 2**31), min_child=st.integers(1, 8))
+def test_split_noise_is_clamped(length, seed, min_child):
+    min_child = min(min_child, length // 2)
+    b = tree.split_point(length, min_child, torch.Generator().manual_seed(seed))
+    assert min_child <= b <= length - min_child
+    assert tree.split_point(length) == length // 2
+
+
+def test_split_noise_is_centred_with_sigma_l_over_5():
+    g = torch.Generator().manual_seed(0)
+    cuts = torch.tensor([tree.split_point(1000, 1, g) for _ in range(4000)], dtype=torch.float)
+    assert abs(cuts.mean() - 500) < 10 and abs(cuts.std() - 200) < 15
+
+
+def test_cosine_policy_compares_each_chunk_with_its_own_halves():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    left = torch.tensor([[1.0, 0.1], [1.0, 0.1]])
+    right = torch.tensor([[0.1, 1.0], [0.1, 1.0]])
+    assert tree.cosine_policy(left, right, q).tolist() == [False, True]
+
+
+def test_maxsim_finds_the_span_anywhere_and_ignores_padding():
+    torch.manual_seed(0)
+    query = torch.randn(1, 3, 8)
+    left, right = torch.randn(1, 10, 8), torch.randn(1, 10, 8)
+    right[0, 4:7] = query[0]  # a copy of the question in the middle of the right child
+    ones = torch.ones(1, 10, dtype=torch.bool)
+    assert tree.maxsim_policy(left, ones, right, ones, query).item() is True
+    left[0, 9] = query[0, 0] * 5  # a perfect match on a padded position must not count
+    mask = ones.clone()
+    mask[0, 9] = False
+    assert tree.maxsim(left, mask, query) < tree.maxsim(right, ones, query)
