@@ -1,0 +1,143 @@
+"""generate.py: layout, input format, sampling, and the CLI on the default model (stdout = the text only)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import save_file
+
+from generate import format_input, layout, sample
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@settings(max_examples=50, deadline=None)
+@given(T=st.integers(1, 300_000), window=st.sampled_from([2048, 4096, 8192]), L=st.sampled_from([256, 1024]),
+       D=st.integers(64, 4096), max_new=st.integers(1, 1024))
+def test_layout_keeps_the_running_text_inside_the_window(T, window, L, D, max_new):
+    try:
+        n = layout(T, window, L, D, max_new)
+    except ValueError as e:
+        assert window - L - max_new < 1 and "cannot fit the window" in str(e)
+        return
+    if T + max_new <= window:
+        assert n == 0
+    else:
+        running = T - n * L
+        assert running + max_new <= window, "the running text and the answer must fit the window"
+        assert n == 0 or min(D, window - L - max_new) <= running < min(D, window - L - max_new) + L
+
+
+def test_format_input_marks_the_question(smollm2):
+    tok = smollm2[1]
+    text, span = format_input(tok, "Some long document.", "Who wrote it?", "The author is")
+    assert text[span[0]:span[1]] == "Who wrote it?"
+    assert text.startswith("<|im_start|>user\nSome long document.") and text.endswith("assistant\nThe author is")
+    assert format_input(tok, "Once upon a time", None) == ("Once upon a time", None)
+
+
+def test_sampling():
+    logits = torch.tensor([0.1, 3.0, 0.2, 2.9])
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, 0.0, 0, 1.0, g) == 1
+    assert sample(logits, 1.0, 1, 1.0, g) == 1  # top-k 1 is greedy
+    assert sample(logits, 1.0, 0, 0.01, g) == 1  # a tiny nucleus is greedy
+    draws = {sample(logits, 1.0, 2, 1.0, g) for _ in range(200)}
+    assert draws == {1, 3}  # top-k 2 never leaves the two best
+    a = [sample(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(7)) for _ in range(5)]
+    assert a == [sample(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(7)) for _ in range(5)]
+
+
+def test_cli_stdout_is_only_the_generated_text(smollm2, tmp_path):
+    model, tok = smollm2
+    file = tmp_path / "short.txt"
+    file.write_text("The capital of France is")
+    out = run("--file", str(file), "--max_new_tokens", "8", "--dtype", "float32")
+    assert out.returncode == 0, out.stderr
+    ids = tok.encode("The capital of France is").ids
+    with torch.no_grad():  # the same greedy continuation, computed here without the cache
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out.stdout == tok.decode(ids[-8:]) + "\n"
+    assert "0 chunks" in out.stderr and "decode" in out.stderr
+
+
+def long_text(n_tokens_approx=10_000):
+    from conftest import pydoc_text
+    return pydoc_text()[: n_tokens_approx * 4]
+
+
+def test_cli_long_file_gates_at_zero_equal_the_window_baseline(tmp_path):
+    """Past the window, the tree is built; with no adapter (gates at 0) the answer equals the window mode's."""
+    file = tmp_path / "long.txt"
+    file.write_text(long_text())
+    common = ["--file", str(file), "--prompt", "What is a decorator?", "--max_new_tokens", "6", "--running", "256",
+              "--adapter", "none", "--dtype", "float32"]
+    shared = run(*common, "--show_tree")
+    window = run(*common, "--mode", "window")
+    assert shared.returncode == 0 and window.returncode == 0, shared.stderr + window.stderr
+    assert shared.stdout == window.stdout and shared.stdout.strip()
+    n = int(shared.stderr.split(" chunks x ")[0].split()[-1])
+    assert n >= 5 and shared.stderr.count("\nchunk ") + shared.stderr.startswith("chunk ") == n
+    assert f"{n * 128} kept entries per layer, beta 8.0" in shared.stderr
+
+
+def test_cli_adapter_is_loaded_and_changes_the_answer(smollm2, tmp_path):
+    model = smollm2[0]
+    cross = {k: v.clone() for k, v in model.state_dict().items() if ".cross_attention." in k}
+    for k in cross:
+        if k.endswith("gate"):
+            cross[k].fill_(1.0)
+    meta = {"config": json.dumps({"dim": 576, "n_layers": 30, "n_inject": 4})}
+    save_file(cross, tmp_path / "open_gates.safetensors", metadata=meta)
+    file = tmp_path / "long.txt"
+    file.write_text(long_text())
+    common = ["--file", str(file), "--prompt", "What is a decorator?", "--max_new_tokens", "6", "--running", "256"]
+    opened = run(*common, "--adapter", str(tmp_path / "open_gates.safetensors"))
+    closed = run(*common, "--adapter", "none")
+    assert opened.returncode == 0, opened.stderr
+    assert opened.stdout != closed.stdout
+
+    bad = {**cross, "layers.0.cross_attention.wq.weight": cross["layers.0.cross_attention.wq.weight"][:10]}
+    save_file(bad, tmp_path / "bad.safetensors", metadata=meta)
+    out = run(*common, "--adapter", str(tmp_path / "bad.safetensors"))
+    assert out.returncode == 2 and "does not match the model's cross-attention" in out.stderr
+    other = {"config": json.dumps({"dim": 4096, "n_layers": 32, "n_inject": 4})}
+    save_file(cross, tmp_path / "other.safetensors", metadata=other)
+    out = run(*common, "--adapter", str(tmp_path / "other.safetensors"))
+    assert out.returncode == 2 and "trained for another model: dim=4096 (model: 576)" in out.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "zero_tokens", "too_many_tokens", "not_utf8", "prompt_only"])
+def test_cli_bad_input(tmp_path, case):
+    file = tmp_path / "in.txt"
+    args = {"missing": ["--file", str(tmp_path / "nope.txt")],
+            "empty": ["--file", str(file)],
+            "zero_tokens": ["--prompt", "hi", "--max_new_tokens", "0"],
+            "too_many_tokens": ["--file", str(file), "--max_new_tokens", "8000"],
+            "not_utf8": ["--file", str(file), "--max_new_tokens", "3"],
+            "prompt_only": ["--prompt", "What is the capital of France?", "--max_new_tokens", "12"]}[case]
+    file.write_bytes({"too_many_tokens": b"word " * 3000, "not_utf8": b"caf\xe9 au lait \xff\xfe is"}.get(case, b""))
+    out = run(*args)
+    if case in ("not_utf8", "prompt_only"):
+        assert out.returncode == 0, out.stderr
+        assert "Traceback" not in out.stderr and out.stdout.strip()
+        if case == "not_utf8":
+            assert "not valid UTF-8" in out.stderr
+        else:
+            assert "Paris" in out.stdout
+        return
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    phrase = {"missing": "cannot read --file", "empty": "is empty", "zero_tokens": "at least 1",
+              "too_many_tokens": "cannot fit the window"}[case]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ") and phrase in out.stderr
