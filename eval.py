@@ -1,0 +1,168 @@
+"""Measure SharedLLM. A benchmark, not a test: run it on a quiet machine; it prints a markdown table to stdout.
+
+    python eval.py speed                                        # 4K..128K, the three modes, one process
+    python eval.py speed --lengths 4096,32768 --modes sharedllm,full --new_tokens 16
+"""
+import argparse
+import statistics
+import sys
+import threading
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from generate import generate, layout
+from load_llama import load_llama
+
+parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
+sub = parser.add_subparsers(dest="command", required=True)
+speed = sub.add_parser("speed", help="time and peak memory vs input length, three modes side by side")
+speed.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
+speed.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072", help="input lengths in tokens")
+speed.add_argument("--modes", default="sharedllm,window,full", help="comma-separated: sharedllm, window, full")
+speed.add_argument("--new_tokens", type=int, default=32, help="tokens decoded after the prefill")
+speed.add_argument("--running", type=int, default=4096, help="D: running-text tokens")
+speed.add_argument("--full_limit", type=float, default=600, help="skip full attention predicted to take longer (s)")
+speed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+speed.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
+
+
+class PeakMemory:
+    """Peak memory while the block runs: process RSS sampled every 5 ms on CPU; allocated memory on CUDA."""
+
+    def __init__(self, device):
+        self.cuda, self.peak, self.running = device.type == "cuda", 0.0, False
+
+    def rss(self):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+    def watch(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.running, self.peak = True, self.rss()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device, dtype, n=4096, repeats=5) -> float:
+    """Median FLOP/s of an n x n x n matmul: the machine's practical peak for this dtype."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+def text_tokens(tokenizer, n: int) -> list[int]:
+    """n tokens of real text: Python's docs, then its standard library's sources, repeated if needed."""
+    import sysconfig
+    from pathlib import Path
+    from pydoc_data import topics
+    parts = ["\n\n".join(topics.topics[k] for k in sorted(topics.topics))]
+    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        if sum(map(len, parts)) > 6 * n:
+            break
+        parts.append(file.read_text(errors="replace"))
+    ids = tokenizer.encode("\n\n".join(parts)).ids
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def run_speed(args):
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model, tokenizer = load_llama(args.model, device=device, dtype=dtype)
+    cfg, L = model.cfg, model.cfg.chunk_len
+    lengths, modes = [int(x) for x in args.lengths.split(",")], args.modes.split(",")
+    question = tokenizer.encode("\n\nQuestion: what is this text about? Answer:").ids
+    ids = text_tokens(tokenizer, max(lengths))
+    peak_rate = matmul_rate(device, dtype)
+    print(f"{args.dtype} matmul: {peak_rate / 1e12:.2f} TFLOP/s; {torch.get_num_threads()} threads", file=sys.stderr)
+
+    # 1. Tree FLOPs per chunk (matmuls, counted by torch on a 4-chunk context: every chunk costs the same at
+    # inference) and of the query pass, to turn tree time into achieved FLOP/s.
+    with FlopCounterMode(display=False) as counter:
+        model.encode_context(torch.tensor([ids[:4 * L]], device=device), model.query_states(
+            torch.tensor([ids[:args.running]], device=device))[:, -1])
+    with FlopCounterMode(display=False) as query_counter:
+        model.query_states(torch.tensor([ids[:args.running]], device=device))
+    query_flops = query_counter.get_total_flops()
+    chunk_flops = (counter.get_total_flops() - query_flops) / 4
+
+    rows, full_times = [], []
+    pick = lambda logits: int(logits.argmax())  # noqa: E731  (greedy, and no stop token: always new_tokens)
+    for T in lengths:
+        tokens = ids[:T - len(question)] + question
+        n = layout(T, cfg.max_seq_len, L, args.running, args.new_tokens)
+        for mode in modes:
+            if mode == "full" and len(full_times) >= 2:  # predict from a*T + b*T^2 through the last two points
+                (t1, s1), (t2, s2) = full_times[-2:]
+                b = (s2 / t2 - s1 / t1) / (t2 - t1)
+                predicted = (s1 / t1 - b * t1) * T + b * T * T
+                if predicted > args.full_limit:
+                    print(f"skip full at {T}: predicted {predicted:.0f} s > --full_limit", file=sys.stderr)
+                    continue
+            split = 0 if mode == "full" else n * L
+            running = torch.tensor([tokens[split:]], device=device)
+            print(f"{mode} at {T} tokens ...", file=sys.stderr)
+            with PeakMemory(device) as mem:
+                sync(device)
+                t0 = time.perf_counter()
+                memory = None
+                if mode == "sharedllm" and n > 0:  # 2. the context tree, query-aware (the question's last token)
+                    query = model.query_states(running)[:, -1]
+                    memory = model.encode_context(torch.tensor([tokens[:split]], device=device), query)
+                sync(device)
+                t1 = time.perf_counter()
+                steps = []
+                for _ in generate(model, running, memory, args.new_tokens, set(), pick):  # 3. prefill, decode
+                    sync(device)
+                    steps.append(time.perf_counter())
+            total = steps[-1] - t0
+            if mode == "full":
+                full_times.append((T, total))
+            decode = (len(steps) - 1) / (steps[-1] - steps[0])
+            tree_rate = (n * chunk_flops + query_flops) / (t1 - t0) if memory is not None else 0
+            rows.append((T, mode, n if mode == "sharedllm" else 0, running.size(1), t1 - t0, steps[0] - t1, decode,
+                         total, mem.peak, tree_rate / peak_rate))
+            print(f"  total {total:.1f} s", file=sys.stderr)
+
+    # 4. The table, with each length's speed-up of sharedllm over full attention.
+    totals = {(r[0], r[1]): r[7] for r in rows}
+    print(f"\n{args.dtype}, {torch.get_num_threads()} threads on {device.type}; matmul peak "
+          f"{peak_rate / 1e12:.2f} TFLOP/s (start) / {matmul_rate(device, dtype) / 1e12:.2f} (end); "
+          f"{args.new_tokens} new tokens\n")
+    print("| tokens | mode | chunks | running | tree s | prefill s | decode tok/s | total s | peak MB | tree % of peak "
+          "| full / sharedllm |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for T, mode, n, run_len, tree_s, prefill_s, dec, total, peak, frac in rows:
+        ratio = f"{totals[(T, 'full')] / total:.1f}x" if mode == "sharedllm" and (T, "full") in totals else ""
+        print(f"| {T} | {mode} | {n} | {run_len} | {tree_s:.1f} | {prefill_s:.1f} | {dec:.1f} | {total:.1f} | "
+              f"{peak:.0f} | {f'{frac:.0%}' if frac else ''} | {ratio} |")
+
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    if args.command == "speed":
+        run_speed(args)
