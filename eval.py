@@ -2,8 +2,10 @@
 
     python eval.py speed                                        # 4K..128K, the three modes, one process
     python eval.py speed --lengths 4096,32768 --modes sharedllm,full --new_tokens 16
+    python eval.py descent --trials 200                         # does the tree keep a hidden key finely?
 """
 import argparse
+import random
 import statistics
 import sys
 import threading
@@ -12,7 +14,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from generate import generate, layout
+from generate import NEEDLE, format_input, generate, layout
 from load_llama import load_llama
 
 parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
@@ -26,6 +28,10 @@ speed.add_argument("--running", type=int, default=4096, help="D: running-text to
 speed.add_argument("--full_limit", type=float, default=600, help="skip full attention predicted to take longer (s)")
 speed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 speed.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
+descent = sub.add_parser("descent", help="how often query-aware descent keeps a hidden pass key at the finest level")
+descent.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
+descent.add_argument("--trials", type=int, default=200, help="needles, each at a random offset of its chunk")
+descent.add_argument("--seed", type=int, default=0, help="seed for filler, keys and offsets")
 
 
 class PeakMemory:
@@ -162,7 +168,36 @@ def run_speed(args):
               f"{peak:.0f} | {f'{frac:.0%}' if frac else ''} | {ratio} |")
 
 
+def run_descent(args):
+    """A pass-key sentence at a random offset of a chunk of real text; the running text ends with the question.
+    A trial succeeds when the key's digits land in the finest (level-h) nodes. Random descent: 1 in 2^(h-1)."""
+    model, tokenizer = load_llama(args.model, dtype=torch.bfloat16)
+    L, rng = model.cfg.chunk_len, random.Random(args.seed)
+    filler = text_tokens(tokenizer, 400_000)
+    wins = {"right": 0, "cosine": 0, "maxsim": 0}
+    for _ in range(args.trials):
+        key = rng.randint(10000, 99999)
+        needle = tokenizer.encode(" " + NEEDLE.format(key=key) + " ").ids
+        digits = tokenizer.encode(f" {key}").ids
+        start = rng.randrange(len(filler) - L - 4096)
+        offset = rng.randrange(L - len(needle))
+        chunk = filler[start:start + offset] + needle + filler[start + offset:start + L - len(needle)]
+        at = offset + next(i for i in range(len(needle)) if needle[i:i + len(digits)] == digits)
+        text, span = format_input(tokenizer, tokenizer.decode(filler[start + L:start + L + 4000]),
+                                  "What is the pass key?")
+        enc = tokenizer.encode(text)
+        q = [i for i, (a, b) in enumerate(enc.offsets) if a < span[1] and b > span[0]]
+        states = model.query_states(torch.tensor([enc.ids]))[0]
+        for policy, query in (("right", None), ("cosine", states[q[-1]][None]), ("maxsim", states[q[0]:q[-1] + 1][None])):
+            nodes = model.encode_context(torch.tensor([chunk]), query).trees[0][0]
+            finest = [n for n in nodes if n.level == model.cfg.tree_depth]
+            wins[policy] += finest[0].start <= at and at + len(digits) <= finest[-1].end
+    print(f"\nkey digits kept at the finest level, {args.trials} trials, {L}-token chunks, depth "
+          f"{model.cfg.tree_depth}:\n\n| policy | hit rate |\n|---|---|")
+    for policy, hits in wins.items():
+        print(f"| {policy} | {hits / args.trials:.0%} |")
+
+
 if __name__ == "__main__":
     args = parser.parse_args()
-    if args.command == "speed":
-        run_speed(args)
+    {"speed": run_speed, "descent": run_descent}[args.command](args)
