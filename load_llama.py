@@ -182,9 +182,11 @@ def load_adapter(model: Transformer, path):
     if wrong:
         raise LoadError(f"adapter {path} was trained for another model: {', '.join(wrong)}; use the model it was "
                         f"trained with, or --adapter none")
-    params = {k: v for k, v in model.state_dict().items() if ".cross_attention." in k}
-    if set(names) != set(params) or any(tensors[k].shape != params[k].shape for k in names):
-        odd = sorted(set(names) ^ set(params)) or [k for k in names if tensors[k].shape != params[k].shape]
+    params = model.state_dict()  # the cross-attention, and the layers `train.py --tune top/all` also trained
+    cross = {k for k in params if ".cross_attention." in k}
+    odd = sorted((cross - set(names)) | (set(names) - set(params)))
+    odd = odd or [k for k in names if tensors[k].shape != params[k].shape]
+    if odd:
         raise LoadError(f"adapter {path} does not match the model's cross-attention (first mismatch: {odd[0]}); "
                         f"it was trained for another model or n_inject")
     for key in ("chunk_len", "tree_depth", "finest_stride"):  # the tree it was trained with, unless overridden

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import tree
@@ -246,6 +247,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.checkpointing = False  # training: recompute each block's activations in the backward pass
 
     def init_cross_attention(self):
         """Start each cross-attention as a copy of its layer's attention_norm, wq, wo, with the gate at 0."""
@@ -269,7 +271,10 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(rope_inv_freq(self.cfg, tokens.device), positions)  # (T, D) each
         x = self.tok_embeddings(tokens)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache, memory)
+            if self.checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, i, cache, memory, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, i, cache, memory)
         if cache is not None:
             cache.advance(T)
         logits = self.output(self.norm(x[:, -1:] if last_only else x)).float()

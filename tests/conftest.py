@@ -27,8 +27,8 @@ def make_tiny_checkpoint(folder: Path, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
     shard, dtype = overrides.pop("_shard", "10GB"), overrides.pop("_dtype", torch.float32)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, vocab_size=128,
-                      max_position_embeddings=256, rms_norm_eps=1e-5, **overrides)
+    cfg = LlamaConfig(**{**dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, vocab_size=128,
+                                max_position_embeddings=256, rms_norm_eps=1e-5), **overrides})
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,0 +1,161 @@
+"""train.py on a tiny random model with the real tokenizer: learning, exact resume, checkpoints, QA targets,
+data-parallel equivalence, bad inputs."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train
+from conftest import make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2):
+    """A 4-layer random Llama that reads SmolLM2's tokenizer."""
+    from load_llama import smollm2_folder
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tinytok") / "m", vocab_size=49152,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_folder() / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from conftest import pydoc_text
+    file = tmp_path_factory.mktemp("data") / "docs.txt"
+    file.write_text(pydoc_text()[:60_000])
+    return file
+
+
+def base_args(tiny, out, *extra):
+    return ["--model", str(tiny), "--seq", "320", "--chunk", "64", "--running", "64", "--out", str(out),
+            "--val", "2", "--log_every", "1", "--warmup", "2", *extra]
+
+
+def test_twenty_steps_decrease_the_loss(tiny, text_file, tmp_path, capsys):
+    train.main(base_args(tiny, tmp_path, "--data", str(text_file), "--steps", "20", "--grad_accum", "1",
+                         "--tune", "all", "--lr", "3e-3"))
+    losses = [float(x) for x in re.findall(r"step \d+ loss ([\d.]+)", capsys.readouterr().err)]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_parameters(tiny, tmp_path, monkeypatch):
+    args = ["--steps", "6", "--grad_accum", "2", "--retrieval", "0.5", "--save_every", "100"]
+    train.main(base_args(tiny, tmp_path / "straight", *args))
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_interrupt(self, *a, **k):  # Ctrl-C during the 4th optimizer step
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        train.main(base_args(tiny, tmp_path / "resumed", *args))
+    assert e.value.code == 130
+    assert json.loads((tmp_path / "resumed" / "ckpt.json").read_text())["step"] == 3
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train.main(base_args(tiny, tmp_path / "resumed", *args, "--resume"))
+    a, b = load_file(tmp_path / "straight" / "ckpt.safetensors"), load_file(tmp_path / "resumed" / "ckpt.safetensors")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("tune", ["xattn", "top"])
+def test_checkpoints_hold_only_trainable_tensors(tiny, tmp_path, tune):
+    train.main(base_args(tiny, tmp_path, "--steps", "1", "--grad_accum", "1", "--tune", tune, "--val", "0",
+                         "--n_inject", "2"))
+    names = set(load_file(tmp_path / "adapter.safetensors"))
+    cross = {n for n in names if ".cross_attention." in n}
+    assert len(cross) == 2 * 4  # norm, wq, wo, gate in each of the M = 2 injection layers
+    top = names - cross  # --tune top: every tensor of layers 2 and 3 (9 each), nothing below them
+    assert top == (set() if tune == "xattn" else {n for n in top if n.split(".")[1] in ("2", "3")})
+    assert len(top) == (0 if tune == "xattn" else 2 * 9)
+    with safe_open(tmp_path / "ckpt.safetensors", "pt") as f:
+        params = {n for n in f.keys() if not n.startswith("optim.")}
+        assert params == names and json.loads(f.metadata()["config"])["tune"] == tune
+        assert {n.split(".", 2)[2] for n in f.keys() if n.startswith("optim.")} == names
+
+
+def test_qa_loss_counts_response_tokens_only_and_query_is_the_last_prompt_token(smollm2):
+    tok = smollm2[1]
+    document = "word " * 300
+    ids, n, q0, q1, answer_from = train.encode_qa(tok, document, "What is the pass key?", "It is 42.", 64, 64)
+    assert n == (answer_from - 64) // 64 >= 1
+    assert tok.decode(ids[q0:q1 + 1]) == "What is the pass key?"
+    assert ids[q1 + 1] == tok.token_to_id("<|im_end|>")  # the chat format closes the prompt right after
+    context, running, targets, query = train.make_example(ids, n, 64, (q0, q1), answer_from)
+    kept = targets[targets != -100].tolist()
+    assert kept == ids[answer_from:] and tok.decode(kept, skip_special_tokens=False) == "It is 42.<|im_end|>"
+    assert running[query[1]] == ids[q1] and context.numel() == n * 64
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(tiny, tmp_path):
+    common = base_args(tiny, tmp_path / "x", "--steps", "3", "--dtype", "float32", "--val", "0", "--retrieval", "0.5")
+    single = common[:common.index("--out") + 1] + [str(tmp_path / "one")] + common[common.index("--out") + 2:]
+    train.main(single + ["--grad_accum", "2"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *common, "--grad_accum", "1"]
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "two")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "adapter.safetensors"), load_file(tmp_path / "two" / "adapter.safetensors")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def fails(argv, phrase):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert isinstance(e.value.code, str) and phrase in e.value.code, e.value.code
+
+
+def test_bad_inputs(tiny, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    fails(base_args(tiny, tmp_path / "o", "--data", str(empty)), "are needed for one training and 2 held-out")
+    (tmp_path / "nothing").mkdir()
+    fails(base_args(tiny, tmp_path / "o", "--data", str(tmp_path / "nothing")), "holds no .txt/.md/.rst/.jsonl")
+    fails(base_args(tiny, tmp_path / "o", "--data", str(tmp_path / "absent.txt")), "does not exist")
+    fails(base_args(tiny, tmp_path / "o") + ["--seq", "300"], "must be 64 running tokens plus a whole number")
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text('{"prompt": "' + "text " * 200 + 'Q?", "response": "A."}\n{oops\n{"answer": 1}\n')
+    fails(base_args(tiny, tmp_path / "o", "--data", str(bad), "--on_bad_line", "stop"), f"{bad}:2:")
+    train.main(base_args(tiny, tmp_path / "o", "--data", str(bad), "--steps", "1", "--grad_accum", "1", "--val", "0"))
+    err = capsys.readouterr().err
+    assert f"skipped {bad}:2:" in err and f"skipped {bad}:3:" in err
+    fails(base_args(tiny, tmp_path / "o", "--data", str(bad), "--steps", "2", "--val", "0", "--tune", "top",
+                    "--resume"), "was trained with another model or config: tune=xattn (now top)")
+    fails(base_args(tiny, tmp_path / "fresh", "--resume"), "no checkpoint at")
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    args = base_args(tiny, tmp_path, "--steps", "2", "--grad_accum", "1", "--save_every", "1", "--val", "0")
+    real_save, calls = train.save_file, []
+
+    def save_until_full(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 2:  # step 1 saves ckpt + adapter; at step 2 the disk is full
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(train, "save_file", save_until_full)
+    fails(args, "No space left on device); the previous checkpoint is kept")
+    assert json.loads((tmp_path / "ckpt.json").read_text())["step"] == 1
+    assert load_file(tmp_path / "ckpt.safetensors") and not list(tmp_path.glob("*.tmp"))

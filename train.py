@@ -1,0 +1,382 @@
+"""Train SharedLLM on long sequences: context chunks through the tree, running text through the full model.
+
+    python train.py --seq 8192                                  # built-in data (Python's docs + retrieval tasks)
+    python train.py --data books/ qa.jsonl --tune top --steps 2000 --out out/books
+    torchrun --nproc_per_node 2 train.py --seq 8192              # data parallel: gloo on CPU, nccl on CUDA
+
+Writes out/ckpt.safetensors (trainable tensors + optimizer moments, for --resume), out/ckpt.json, and
+out/adapter.safetensors (trainable tensors only: what `generate.py --adapter` reads).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from generate import NEEDLE, format_input
+from load_llama import LoadError, load_llama
+
+parser = argparse.ArgumentParser(description="Train SharedLLM's cross-attention (and optionally more).")
+parser.add_argument("--data", nargs="*", default=[], help="text/markdown files, folders, .jsonl ({'text'} or "
+                    "{'prompt','response'}); none: the built-in offline mix")
+parser.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
+parser.add_argument("--out", default="out", help="folder for checkpoints and the adapter")
+parser.add_argument("--seq", type=int, default=8192, help="tokens per language-modelling sequence")
+parser.add_argument("--chunk", type=int, default=1024, help="L: context chunk length")
+parser.add_argument("--running", type=int, default=4096, help="D: running-text tokens")
+parser.add_argument("--n_inject", type=int, default=4, help="M: injection layers")
+parser.add_argument("--tune", default="xattn", choices=["xattn", "top", "all"],
+                    help="xattn: cross-attention + gates; top: also layers M..N-1; all: the whole model")
+parser.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"], help="query-aware descent (QA)")
+parser.add_argument("--retrieval", type=float, default=0.5, help="share of generated retrieval samples (built-in)")
+parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+parser.add_argument("--grad_accum", type=int, default=4, help="sequences per step and process")
+parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the copied norm/wq/wo (and layers)")
+parser.add_argument("--gate_lr", type=float, default=1e-1, help="learning rate of the tanh gates (they start at 0)")
+parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--warmup", type=int, default=10, help="linear warm-up steps, then cosine to 10%%")
+parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast compute dtype")
+parser.add_argument("--checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+parser.add_argument("--seed", type=int, default=0, help="data order, split noise and generated samples")
+parser.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+parser.add_argument("--log_every", type=int, default=10, help="a log line every N steps")
+parser.add_argument("--val", type=int, default=8, help="held-out sequences for the final validation")
+parser.add_argument("--resume", action="store_true", help="continue from --out/ckpt.safetensors")
+parser.add_argument("--on_bad_line", default="skip", choices=["skip", "stop"], help="malformed .jsonl lines")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+
+
+class DataError(Exception):
+    """Training data that cannot be used; the message says what to do."""
+
+
+# -----------------------------------------------------------------------------
+# Data: a token stream for language modelling, and (prompt, response) pairs for question answering.
+
+TEXT = {".txt", ".md", ".markdown", ".rst", ".text"}
+
+
+def read_data(paths, on_bad_line):
+    """-> (documents, qa pairs), from files and folders."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix in TEXT | {".jsonl"})
+            if not found:
+                raise DataError(f"folder {p} holds no .txt/.md/.rst/.jsonl files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"--data {p} does not exist")
+    docs, qa = [], []
+    for f in files:
+        if f.suffix != ".jsonl":
+            docs.append(f.read_text(errors="replace"))
+            continue
+        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+                if row is None:
+                    continue
+                if "text" in row:
+                    docs.append(str(row["text"]))
+                else:
+                    qa.append((str(row["prompt"]), str(row["response"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                msg = f"{f}:{n}: not a JSON object with 'text' or 'prompt' + 'response' ({type(e).__name__})"
+                if on_bad_line == "stop":
+                    raise DataError(msg + "; fix it, or pass --on_bad_line skip")
+                print(f"skipped {msg}", file=sys.stderr)
+    return docs, qa
+
+
+def builtin_docs():
+    """Python's own documentation and standard-library sources: ~1.3M tokens on every machine."""
+    import sysconfig
+    from pydoc_data import topics
+    docs = [topics.topics[k] for k in sorted(topics.topics)]
+    docs += [f.read_text(errors="replace") for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))]
+    return docs
+
+
+# Generated retrieval tasks: the wording of the needle and the question, the key format, the filler and the
+# context length all vary. split=0 is for training, split=1 for validation (wording never seen in training).
+NEEDLES = [[NEEDLE, "Remember this pass key: {key}.", "Note that the pass key is {key}, keep it in mind.",
+            "The secret pass key you will need later is {key}."],
+           ["Important: the pass key is {key}.", "Keep this pass key safe: {key}."]]
+QUESTIONS = [["What is the pass key?", "Which pass key was mentioned in the text?", "Tell me the pass key."],
+             ["What pass key did the text give?", "Recall the pass key from the document."]]
+FACTS = [["The {thing} of {name} is {key}.", "{name}'s {thing} is {key}."], ["For {name}, the {thing} is {key}."]]
+THINGS, NAMES = ["locker code", "room number", "badge id", "account pin"], ["Ada", "Linus", "Grace", "Guido", "Alan",
+                                                                           "Barbara", "Ken", "Margaret", "Dennis"]
+
+
+def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0):
+    """A long document of real text with one or several facts hidden at random depths; a question about one;
+    its answer. -> (document, question, answer)."""
+    key_format = rng.choice([lambda: str(rng.randint(10000, 99999)), lambda: str(rng.randint(10**6, 10**7 - 1)),
+                             lambda: f"{rng.choice('ABCDEFGHJK')}{rng.randint(100, 999)}-{rng.randint(1000, 9999)}"])
+    length = n_ctx * L + D + 64  # enough that the prompt yields n_ctx whole chunks before the running text
+    start = rng.randrange(len(filler) - length)
+    text = tokenizer.decode(filler[start:start + length])
+    in_context = int(len(text) * n_ctx * L / length)  # facts go into the context chunks, never the running text
+    cuts = sorted(rng.randrange(in_context) for _ in range(rng.choice([1, 1, 2, 3])))
+    if rng.random() < 0.5:  # pass key
+        key = key_format()
+        facts = [rng.choice(NEEDLES[split]).format(key=key)] + [
+            rng.choice(NEEDLES[split]).format(key=key_format()) for _ in cuts[1:]]
+        facts = facts[:1] + [f.replace("pass key", "backup code") for f in facts[1:]]  # distractors: other names
+        question, answer = rng.choice(QUESTIONS[split]), f"The pass key is {key}."
+    else:  # several named facts: a key-value lookup
+        names, thing = rng.sample(NAMES, len(cuts)), rng.choice(THINGS)
+        keys = [key_format() for _ in cuts]
+        facts = [rng.choice(FACTS[split]).format(thing=thing, name=n, key=k) for n, k in zip(names, keys)]
+        question, answer = f"What is the {thing} of {names[0]}?", f"The {thing} of {names[0]} is {keys[0]}."
+    order = list(range(len(cuts)))
+    rng.shuffle(order)
+    for cut, i in sorted(zip(cuts, order), reverse=True):
+        text = text[:cut] + f" {facts[i]} " + text[cut:]
+    return text, question, answer
+
+
+def encode_qa(tokenizer, document, prompt, response, L, D):
+    """Tokenise a QA sample -> (ids, n context chunks, first and last question token, first response token)."""
+    text, span = format_input(tokenizer, document, prompt)
+    enc = tokenizer.encode(text)
+    inside = [i for i, (a, b) in enumerate(enc.offsets) if a < span[1] and b > span[0]]
+    end = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|eot_id|>", "</s>") if tokenizer.token_to_id(t)]
+    ids = enc.ids + tokenizer.encode(response, add_special_tokens=False).ids + end[:1]
+    n = max((len(enc.ids) - D) // L, 0)
+    return ids, n, inside[0], inside[-1], len(enc.ids)
+
+
+def make_example(ids, n, L, q=None, answer_from=None):
+    """Split a sample into context (n*L,) and running text; targets shift by one; -100 everywhere but the
+    answer for QA. q: (first, last) question token, in running-text coordinates."""
+    ids = torch.tensor(ids)
+    context, running = ids[:n * L], ids[n * L:]
+    targets = running[1:].clone()
+    if answer_from is not None:  # loss on the response only
+        targets[: answer_from - n * L - 1] = -100
+    query = None if q is None else (q[0] - n * L, q[1] - n * L)
+    return context, running[:-1], targets, query
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    L, D = args.chunk, args.running
+    if args.seq <= D or (args.seq - D) % L:
+        sys.exit(f"error: --seq {args.seq} must be {D} running tokens plus a whole number (>= 1) of {L}-token "
+                 f"chunks, e.g. --seq {D + 4 * L}; adjust --seq, --running or --chunk")
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    out = Path(args.out)
+
+    # 1. Model: fp32 master weights; only the chosen part trains. The lower pass runs under no_grad.
+    try:
+        model, tokenizer = load_llama(args.model, device=device, n_inject=args.n_inject, chunk_len=L)
+    except LoadError as e:
+        sys.exit(f"error: {e}")
+    cfg, M = model.cfg, args.n_inject
+    model.checkpointing = args.checkpointing
+    for name, p in model.named_parameters():
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else -1
+        p.requires_grad = (".cross_attention." in name or args.tune == "all" or (args.tune == "top" and layer >= M))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    # 2. Data: held-out sequences come from the end of the stream, and retrieval wording never used in training.
+    try:
+        docs, qa = read_data(args.data, args.on_bad_line) if args.data else (builtin_docs(), [])
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    eos = (cfg.eos_ids or (0,))[0]
+    stream = [t for enc in tokenizer.encode_batch(docs) for t in enc.ids + [eos]]
+    n_seq = len(stream) // args.seq
+    retrieval = args.retrieval if not args.data else 0.0
+    if n_seq < args.val + 1 and not qa:
+        sys.exit(f"error: the data has {len(stream)} tokens; {(args.val + 1) * args.seq} are needed for one "
+                 f"training and {args.val} held-out sequences of --seq {args.seq}; add text or lower --val/--seq")
+    n_train = max(n_seq - args.val, 0)
+
+    def example(i, split=0):
+        """Sample i, a pure function of (seed, i, split): resuming needs no saved random state."""
+        rng = random.Random(f"{args.seed}/{split}/{i}")
+        if qa and (not stream or rng.random() < len(qa) / (len(qa) + n_train)):
+            prompt, response = qa[rng.randrange(len(qa))]
+            ids, n, q0, q1, a = encode_qa(tokenizer, "", prompt, response, L, D)
+            return make_example(ids, n, L, (q0, q1), a)
+        if rng.random() < retrieval:
+            filler = stream[:n_train * args.seq] if split == 0 else stream[n_train * args.seq:]
+            doc, question, answer = retrieval_sample(rng, filler, tokenizer, rng.randint(1, (args.seq - D) // L),
+                                                     L, D, split)
+            ids, n, q0, q1, a = encode_qa(tokenizer, doc, question, answer, L, D)
+            return make_example(ids, n, L, (q0, q1), a)
+        j = rng.randrange(n_train) if split == 0 else n_train + i % args.val
+        return make_example(stream[j * args.seq:(j + 1) * args.seq], (args.seq - D) // L, L)
+
+    def loss_of(i, split=0, use_memory=True):
+        context, running, targets, query = example(i, split)
+        memory = None
+        with autocast:
+            if use_memory and context.numel():
+                q = None
+                if query is not None:
+                    states = model.query_states(running[None].to(device))[0]
+                    q = states[query[1]][None] if args.policy == "cosine" else states[query[0]:query[1] + 1][None]
+                noise = torch.Generator().manual_seed(hash((args.seed, split, i)) % 2**63)
+                memory = model.encode_context(context[None].to(device), q, generator=noise if split == 0 else None)
+            return model(running[None].to(device), targets[None].to(device), memory=memory)[1], running.numel()
+
+    # 3. Optimizer: AdamW; the gates get their own, much larger learning rate: a tanh gate at 0 barely moves at
+    # the paper's 1e-5 (DESIGN Sec. 10: tanh(g) reached 0.9 within 100 steps at 1e-1).
+    gates = [p for n, p in trainable.items() if n.endswith(".gate")]
+    rest = [p for n, p in trainable.items() if not n.endswith(".gate")]
+    opt = torch.optim.AdamW([{"params": rest, "lr": args.lr, "weight_decay": args.weight_decay},
+                             {"params": gates, "lr": args.gate_lr, "weight_decay": 0.0}], betas=(0.9, 0.999))
+    base_lr = [args.lr, args.gate_lr]
+    step = 0
+    if args.resume:
+        step = load_checkpoint(out / "ckpt.safetensors", model, opt, trainable, args)
+
+    def schedule(s):  # linear warm-up, then cosine down to 10%
+        if s < args.warmup:
+            return (s + 1) / args.warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - args.warmup) / max(args.steps - args.warmup, 1)))
+
+    # 4. The loop. Each step: grad_accum sequences per process, gradients averaged across processes.
+    model.train()
+    bar = tqdm(total=args.steps, initial=step, desc="train", disable=rank != 0)
+    t0, tokens, losses = time.time(), 0, []
+    try:
+        while step < args.steps:
+            for group, lr in zip(opt.param_groups, base_lr):
+                group["lr"] = lr * schedule(step)
+            for micro in range(args.grad_accum):
+                loss, n_tok = loss_of((step * args.grad_accum + micro) * world + rank)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+                (loss / args.grad_accum).backward()
+                losses.append(loss.item())
+                tokens += n_tok * world
+            if ddp:
+                for p in trainable.values():
+                    p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            torch.nn.utils.clip_grad_norm_(trainable.values(), args.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+            if rank == 0 and step % args.log_every == 0:
+                gate = " ".join(f"{torch.tanh(p).item():.2f}" for p in gates)
+                tqdm.write(f"step {step} loss {sum(losses) / len(losses):.3f} lr {opt.param_groups[0]['lr']:.2e} "
+                           f"tanh(gates) {gate} {tokens / (time.time() - t0):.0f} tok/s {time.time() - t0:.0f} s",
+                           file=sys.stderr)
+                losses = []
+            if rank == 0 and (step % args.save_every == 0 or step == args.steps):
+                save_checkpoint(out, model, opt, trainable, args, step, world)
+    except KeyboardInterrupt:
+        if rank == 0:
+            save_checkpoint(out, model, opt, trainable, args, step, world)
+            print(f"\ninterrupted: saved step {step} to {out}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}; stopped without saving, so {out / 'ckpt.safetensors'} still holds the last good "
+                 f"step; lower --lr or --gate_lr, or use --dtype float32")
+    except OSError as e:
+        sys.exit(f"error: {e}")
+    bar.close()
+
+    # 5. Validation on held-out data, with the context and without it (the running text alone).
+    if rank == 0 and args.val > 0:
+        model.eval()
+        with torch.no_grad():
+            with_ctx = sum(loss_of(i, 1)[0].item() for i in range(args.val)) / args.val
+            without = sum(loss_of(i, 1, use_memory=False)[0].item() for i in range(args.val)) / args.val
+        print(f"validation loss on {args.val} held-out samples: {with_ctx:.4f} with the context, {without:.4f} "
+              f"without", file=sys.stderr)
+    if ddp:
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: trainable tensors and their AdamW moments in one safetensors file, written to a temporary name
+# and renamed, so a crash or a full disk never leaves a half-written checkpoint in place of the last good one.
+
+def checkpoint_config(model, args):
+    keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_inject", "chunk_len", "tree_depth",
+            "finest_stride")
+    return {**{k: getattr(model.cfg, k) for k in keys}, "tune": args.tune}
+
+
+def atomic_save(tensors, path: Path, metadata):
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is kept") from None
+
+
+def save_checkpoint(out: Path, model, opt, trainable, args, step, world):
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"config": json.dumps(checkpoint_config(model, args)), "args": json.dumps(vars(args)),
+            "step": str(step), "data_position": str(step * args.grad_accum * world)}
+    params = {n: p.detach().contiguous() for n, p in trainable.items()}
+    moments = {}
+    for n, p in trainable.items():
+        for k, v in opt.state.get(p, {}).items():
+            moments[f"optim.{k}.{n}"] = v.detach().reshape(v.shape).contiguous()
+    atomic_save({**params, **moments}, out / "ckpt.safetensors", meta)
+    atomic_save(params, out / "adapter.safetensors", {"config": meta["config"]})
+    (out / "ckpt.json.tmp").write_text(json.dumps({k: json.loads(v) if k in ("config", "args") else int(v)
+                                                   for k, v in meta.items()}, indent=2))
+    os.replace(out / "ckpt.json.tmp", out / "ckpt.json")
+
+
+def load_checkpoint(path: Path, model, opt, trainable, args) -> int:
+    if not path.exists():
+        sys.exit(f"error: --resume: no checkpoint at {path}; train without --resume first")
+    with safe_open(path, framework="pt", device="cpu") as f:
+        meta = f.metadata()
+        saved = json.loads(meta["config"])
+        ours = checkpoint_config(model, args)
+        if saved != ours:
+            diff = ", ".join(f"{k}={saved.get(k)} (now {ours[k]})" for k in ours if saved.get(k) != ours[k])
+            sys.exit(f"error: --resume: {path} was trained with another model or config: {diff}; use the same "
+                     f"--model/--tune/--n_inject/--chunk, or another --out")
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(f.get_tensor(n))
+        names = set(f.keys())
+        for n, p in trainable.items():
+            state = {k: f.get_tensor(f"optim.{k}.{n}").to(p.device) for k in ("step", "exp_avg", "exp_avg_sq")
+                     if f"optim.{k}.{n}" in names}
+            if state:
+                opt.state[p] = state
+    print(f"resumed from {path} at step {meta['step']}", file=sys.stderr)
+    return int(meta["step"])
+
+
+if __name__ == "__main__":
+    main()
