@@ -3,9 +3,13 @@
     python eval.py speed                                        # 4K..128K, the three modes, one process
     python eval.py speed --lengths 4096,32768 --modes sharedllm,full --new_tokens 16
     python eval.py descent --trials 200                         # does the tree keep a hidden key finely?
+    python eval.py ppl                                          # perplexity at 4K..128K, with and without context
+    python eval.py passkey --lengths 8192,32768,131072 --plot   # pass-key accuracy, length x depth
 """
 import argparse
+import math
 import random
+import re
 import statistics
 import sys
 import threading
@@ -14,24 +18,44 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from generate import NEEDLE, format_input, generate, layout
-from load_llama import load_llama
+from generate import NEEDLE, SHIPPED_ADAPTER, format_input, generate, layout, prepare
+from load_llama import LoadError, load_adapter, load_llama
 
 parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
-speed = sub.add_parser("speed", help="time and peak memory vs input length, three modes side by side")
-speed.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
-speed.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072", help="input lengths in tokens")
-speed.add_argument("--modes", default="sharedllm,window,full", help="comma-separated: sharedllm, window, full")
+
+
+def command(name, helptext, lengths=None, modes=None):
+    p = sub.add_parser(name, help=helptext)
+    p.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
+    p.add_argument("--adapter", default="auto", help="trained weights; 'none': gates at 0; 'auto': the shipped one")
+    p.add_argument("--seed", type=int, default=0, help="where windows, keys and offsets are drawn")
+    if lengths:
+        p.add_argument("--lengths", default=lengths, help="input lengths in tokens, comma-separated")
+        p.add_argument("--modes", default=modes, help="comma-separated: sharedllm, window, full")
+    return p
+
+
+speed = command("speed", "time and peak memory vs input length, three modes side by side",
+                "4096,8192,16384,32768,65536,131072", "sharedllm,window,full")
 speed.add_argument("--new_tokens", type=int, default=32, help="tokens decoded after the prefill")
 speed.add_argument("--running", type=int, default=4096, help="D: running-text tokens")
 speed.add_argument("--full_limit", type=float, default=600, help="skip full attention predicted to take longer (s)")
 speed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 speed.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
-descent = sub.add_parser("descent", help="how often query-aware descent keeps a hidden pass key at the finest level")
-descent.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
+descent = command("descent", "how often query-aware descent keeps a hidden pass key at the finest level")
 descent.add_argument("--trials", type=int, default=200, help="needles, each at a random offset of its chunk")
-descent.add_argument("--seed", type=int, default=0, help="seed for filler, keys and offsets")
+ppl = command("ppl", "perplexity of the last 256 tokens (DESIGN Sec. 7)", "4096,8192,32768,131072",
+              "sharedllm,window,full")
+ppl.add_argument("--files", nargs="*", default=[], help="text files (default: held-out code: the standard "
+                 "library's packages, which training never reads)")
+ppl.add_argument("--windows", type=int, default=3, help="windows per length")
+ppl.add_argument("--full_max", type=int, default=8192, help="longest input for --mode full")
+passkey = command("passkey", "pass-key retrieval accuracy, length x depth", "8192,32768,131072", "sharedllm,window")
+passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fractions of the input)")
+passkey.add_argument("--trials", type=int, default=4, help="keys per length and depth")
+passkey.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"], help="query-aware descent")
+passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (needs matplotlib)")
 
 
 class PeakMemory:
@@ -98,7 +122,7 @@ def text_tokens(tokenizer, n: int) -> list[int]:
 
 def run_speed(args):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    model, tokenizer = load_llama(args.model, device=device, dtype=dtype)
+    model, tokenizer = model_for(args, device, dtype)
     cfg, L = model.cfg, model.cfg.chunk_len
     lengths, modes = [int(x) for x in args.lengths.split(",")], args.modes.split(",")
     question = tokenizer.encode("\n\nQuestion: what is this text about? Answer:").ids
@@ -168,10 +192,124 @@ def run_speed(args):
               f"{peak:.0f} | {f'{frac:.0%}' if frac else ''} | {ratio} |")
 
 
+def model_for(args, device="cpu", dtype=torch.bfloat16):
+    model, tokenizer = load_llama(args.model, device=device, dtype=dtype)
+    adapter = args.adapter
+    if adapter == "auto":
+        adapter = str(SHIPPED_ADAPTER) if args.model == "smollm2-135m" and SHIPPED_ADAPTER.exists() else "none"
+    try:
+        if adapter != "none":
+            load_adapter(model, adapter)
+    except LoadError as e:
+        sys.exit(f"error: {e}")
+    print(f"adapter: {adapter}", file=sys.stderr)
+    return model, tokenizer
+
+
+def held_out_code():
+    """The standard library's packages (asyncio, email, ...): training reads only its top-level modules."""
+    import sysconfig
+    from pathlib import Path
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join(f.read_text(errors="replace") for f in sorted(root.glob("*/*.py"))
+                        if "test" not in f.parts[-2] and "site-packages" not in str(f))
+
+
+@torch.no_grad()
+def run_ppl(args):
+    """DESIGN Sec. 7: X_D = the last 4096 tokens (2048 at 4K), loss on its last 256; the context = the chunks
+    before it. window = X_D alone; full = plain attention over all T tokens."""
+    model, tokenizer = model_for(args)
+    L, rng = model.cfg.chunk_len, random.Random(args.seed)
+    texts = [open(f, errors="replace").read() for f in args.files] or [held_out_code()]
+    ids = [t for enc in tokenizer.encode_batch(texts) for t in enc.ids]
+    lengths, modes = [int(x) for x in args.lengths.split(",")], args.modes.split(",")
+    results = {}
+    for T in lengths:
+        if T > len(ids):
+            print(f"skip {T}: the text has only {len(ids)} tokens", file=sys.stderr)
+            continue
+        D = min(4096, T // 2)
+        for w in range(args.windows):
+            start = rng.randrange(len(ids) - T + 1)
+            window = torch.tensor([ids[start:start + T]])
+            targets = window.clone()
+            targets[:, :-256] = -100  # loss on the last 256 tokens only
+            for mode in modes:
+                if mode == "full" and T > args.full_max:
+                    continue
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    if mode == "full":
+                        loss = model(window[:, :-1], targets[:, 1:])[1]
+                    else:
+                        memory = model.encode_context(window[:, :T - D]) if mode == "sharedllm" else None
+                        loss = model(window[:, T - D:-1], targets[:, T - D + 1:], memory=memory)[1]
+                results.setdefault((T, mode), []).append(loss.item())
+            print(f"{T} window {w}: " + ", ".join(f"{m} {math.exp(results[(T, m)][-1]):.2f}" for m in modes
+                                                   if (T, m) in results), file=sys.stderr)
+    print(f"\nperplexity of the last 256 tokens, mean over {args.windows} windows\n")
+    print("| tokens | " + " | ".join(modes) + " |\n|---|" + "---|" * len(modes))
+    for T in lengths:
+        cells = [f"{math.exp(statistics.mean(results[(T, m)])):.3f}" if (T, m) in results else "" for m in modes]
+        print(f"| {T} | " + " | ".join(cells) + " |")
+
+
+@torch.no_grad()
+def run_passkey(args):
+    """A pass key at each depth of real filler (Python's docs); 'What is the pass key?'; correct when the first
+    number generated after "The pass key is" equals the key."""
+    model, tokenizer = model_for(args)
+    rng = random.Random(args.seed)
+    lengths, depths, modes = ([int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")],
+                              args.modes.split(","))
+    filler = text_tokens(tokenizer, max(lengths))
+    correct = {}
+    for T in lengths:
+        for depth in depths:
+            for _ in range(args.trials):
+                key = rng.randint(10000, 99999)
+                start = rng.randrange(max(len(filler) - T, 1))
+                text = tokenizer.decode(filler[start:start + T - 40])
+                cut = int(depth * len(text))
+                text = text[:cut] + f" {NEEDLE.format(key=key)} " + text[cut:]
+                for mode in modes:
+                    _, _, tokens, memory, _ = prepare(model, tokenizer, text, "What is the pass key?",
+                                                      "The pass key is", mode, args.policy, 8, 4096)
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        out = list(generate(model, tokens, memory, 8, set(), lambda x: int(x.argmax())))
+                    found = re.findall(r"\d+", tokenizer.decode(out))
+                    correct.setdefault((mode, T, depth), []).append(bool(found) and found[0] == str(key))
+            print(f"{T} depth {depth}: " + ", ".join(f"{m} {sum(correct[(m, T, depth)])}/{args.trials}"
+                                                     for m in modes), file=sys.stderr)
+    print(f"\npass-key accuracy, {args.trials} keys per cell\n")
+    print("| mode | tokens | " + " | ".join(f"depth {d:.0%}" for d in depths) + " | all |\n|---|---|" + "---|" *
+          (len(depths) + 1))
+    for mode in modes:
+        for T in lengths:
+            cells = [statistics.mean(correct[(mode, T, d)]) for d in depths]
+            print(f"| {mode} | {T} | " + " | ".join(f"{c:.0%}" for c in cells) + f" | {statistics.mean(cells):.0%} |")
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            sys.exit("error: --plot needs matplotlib (pip install matplotlib)")
+        fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            grid = [[statistics.mean(correct[(mode, T, d)]) for T in lengths] for d in depths]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set(title=mode, xlabel="tokens", ylabel="depth", xticks=range(len(lengths)), yticks=range(len(depths)),
+                   xticklabels=[f"{T // 1024}K" for T in lengths], yticklabels=[f"{d:.0%}" for d in depths])
+        fig.tight_layout()
+        fig.savefig(args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
 def run_descent(args):
     """A pass-key sentence at a random offset of a chunk of real text; the running text ends with the question.
     A trial succeeds when the key's digits land in the finest (level-h) nodes. Random descent: 1 in 2^(h-1)."""
-    model, tokenizer = load_llama(args.model, dtype=torch.bfloat16)
+    model, tokenizer = model_for(args)
     L, rng = model.cfg.chunk_len, random.Random(args.seed)
     filler = text_tokens(tokenizer, 400_000)
     wins = {"right": 0, "cosine": 0, "maxsim": 0}
@@ -200,4 +338,4 @@ def run_descent(args):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    {"speed": run_speed, "descent": run_descent}[args.command](args)
+    {"speed": run_speed, "descent": run_descent, "ppl": run_ppl, "passkey": run_passkey}[args.command](args)

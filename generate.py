@@ -97,6 +97,35 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator) -> i
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+def prepare(model, tokenizer, document, prompt, answer_prefix="", mode="sharedllm", policy="cosine",
+            max_new_tokens=128, running=4096, progress=False):
+    """Tokenise, lay out (DESIGN Sec. 6: X_C = the first n*L tokens, X_D = the rest) and build the memory once:
+    query-aware with the question's last token (or its tokens, MaxSim), right-policy when continuing a text.
+    -> (ids, n, running tokens (1, T), memory or None, tree seconds). ValueError on input that cannot fit."""
+    cfg, device = model.cfg, model.output.weight.device
+    text, question = format_input(tokenizer, document, prompt, answer_prefix)
+    encoding = tokenizer.encode(text)
+    ids = encoding.ids
+    if not ids:
+        raise ValueError("the input is empty after tokenisation; give a file with text, or a --prompt")
+    q_first = q_last = None
+    if question is not None:  # token span of the question, from the tokenizer's character offsets
+        inside = [i for i, (s, e) in enumerate(encoding.offsets) if s < question[1] and e > question[0]]
+        q_first, q_last = inside[0], inside[-1]
+    tail = len(ids) - (q_first if q_first is not None else len(ids) - 1)  # the question must stay in X_D
+    n = 0 if mode == "full" else layout(len(ids), cfg.max_seq_len, cfg.chunk_len, running, max_new_tokens, tail)
+    split = n * cfg.chunk_len
+    context, tokens = torch.tensor(ids[:split], device=device), torch.tensor([ids[split:]], device=device)
+    memory, t0 = None, time.time()
+    if n > 0 and mode == "sharedllm":
+        query = None
+        if q_first is not None:
+            states = model.query_states(tokens)[0]
+            query = states[q_last - split][None] if policy == "cosine" else states[q_first - split:q_last - split + 1][None]
+        memory = model.encode_context(context[None], query, progress=progress)
+    return ids, n, tokens, memory, time.time() - t0
+
+
 @torch.no_grad()
 def generate(model, tokens, memory, max_new_tokens: int, stop_ids, pick, prefill_chunk: int = 4096):
     """Prefill the running text (1, T) in pieces, then decode with the KV cache; the memory stays fixed.
@@ -176,43 +205,20 @@ def main():
         document, key, depth = demo_document(tokenizer, args.seed)
         prompt, answer_prefix = "What is the pass key?", args.answer_prefix or "The pass key is"
         print(f"demo: a pass key hidden at {depth:.0%} depth of ~100K tokens of Python's docs", file=sys.stderr)
-    text, question = format_input(tokenizer, document, prompt, answer_prefix)
-    encoding = tokenizer.encode(text)
-    ids = encoding.ids
-    if not ids:
-        usage_error("the input is empty after tokenisation; give a file with text, or a --prompt")
 
-    # 3. Layout (DESIGN Sec. 6): X_C = the first n*L tokens, X_D = the rest.
-    q_first = q_last = None
-    if question is not None:  # token span of the question, from the tokenizer's character offsets
-        inside = [i for i, (s, e) in enumerate(encoding.offsets) if s < question[1] and e > question[0]]
-        q_first, q_last = inside[0], inside[-1]
-    tail_len = len(ids) - (q_first if q_first is not None else len(ids) - 1)  # question to end: must stay in X_D
+    # 3. Layout and memory, built once.
     try:
-        n = 0 if args.mode == "full" else layout(len(ids), cfg.max_seq_len, cfg.chunk_len, args.running,
-                                                 args.max_new_tokens, min_running=tail_len)
+        ids, n, running, memory, t_tree = prepare(model, tokenizer, document, prompt, answer_prefix, args.mode,
+                                                  args.policy, args.max_new_tokens, args.running, progress=True)
     except ValueError as e:
         usage_error(str(e))
     if args.mode == "full" and len(ids) + args.max_new_tokens > cfg.max_seq_len:
         print(f"note: --mode full reads {len(ids)} tokens with a model trained on {cfg.max_seq_len}", file=sys.stderr)
+    if args.show_tree and memory is not None:
+        show_tree(memory.trees[0], ids, cfg.chunk_len, tokenizer)
     split = n * cfg.chunk_len
-    context, running = torch.tensor(ids[:split], device=device), torch.tensor([ids[split:]], device=device)
 
-    # 4. Memory, built once: the tree is query-aware with the question's last token, else right-policy.
-    memory, t_tree = None, 0.0
-    if n > 0 and args.mode == "sharedllm":
-        t1 = time.time()
-        query = None
-        if q_first is not None:
-            states = model.query_states(running)[0]
-            a, b = q_first - split, q_last - split
-            query = states[b][None] if args.policy == "cosine" else states[a:b + 1][None]
-        memory = model.encode_context(context[None], query, progress=True)
-        t_tree = time.time() - t1
-        if args.show_tree:
-            show_tree(memory.trees[0], ids, cfg.chunk_len, tokenizer)
-
-    # 5. Prefill the running text, then decode, streaming the text to stdout.
+    # 4. Prefill the running text, then decode, streaming the text to stdout.
     vocab = tokenizer.get_vocab()
     stop_ids = set(cfg.eos_ids) | {vocab[t] for t in STOP_TOKENS if t in vocab}
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -230,7 +236,7 @@ def main():
     t_end = time.time()
     print(tokenizer.decode(out)[len(shown):], flush=True)
 
-    # 6. The report.
+    # 5. The report.
     t_first = t_first or t_end
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
