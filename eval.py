@@ -18,8 +18,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from generate import NEEDLE, SHIPPED_ADAPTER, format_input, generate, layout, prepare
-from load_llama import LoadError, load_adapter, load_llama
+from generate import NEEDLE, format_input, generate, layout, load_model, prepare
+from load_llama import LoadError
 
 parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
@@ -193,13 +193,8 @@ def run_speed(args):
 
 
 def model_for(args, device="cpu", dtype=torch.bfloat16):
-    model, tokenizer = load_llama(args.model, device=device, dtype=dtype)
-    adapter = args.adapter
-    if adapter == "auto":
-        adapter = str(SHIPPED_ADAPTER) if args.model == "smollm2-135m" and SHIPPED_ADAPTER.exists() else "none"
     try:
-        if adapter != "none":
-            load_adapter(model, adapter)
+        model, tokenizer, adapter = load_model(args.model, args.adapter, device, dtype)
     except LoadError as e:
         sys.exit(f"error: {e}")
     print(f"adapter: {adapter}", file=sys.stderr)
@@ -229,7 +224,7 @@ def run_ppl(args):
         if T > len(ids):
             print(f"skip {T}: the text has only {len(ids)} tokens", file=sys.stderr)
             continue
-        D = min(4096, T // 2)
+        D = T - (T - min(4096, T // 2)) // L * L  # the context is whole chunks; X_D takes the rest
         for w in range(args.windows):
             start = rng.randrange(len(ids) - T + 1)
             window = torch.tensor([ids[start:start + T]])

@@ -51,6 +51,16 @@ def usage_error(message):
     sys.exit(2)
 
 
+def load_model(path, adapter="auto", device="cpu", dtype=torch.bfloat16):
+    """load_llama, then the adapter: 'auto' = the shipped one for the default model, 'none' = gates at 0."""
+    model, tokenizer = load_llama(path, device=device, dtype=dtype)
+    if adapter == "auto":
+        adapter = str(SHIPPED_ADAPTER) if path == "smollm2-135m" and SHIPPED_ADAPTER.exists() else "none"
+    if adapter != "none":
+        load_adapter(model, adapter)
+    return model, tokenizer, adapter
+
+
 def format_input(tokenizer, document: str, prompt: str | None, answer_prefix: str = ""):
     """The model's input text and the character span of the question in it (None when continuing a text).
     Instruct formats are recognised from the tokenizer's special tokens."""
@@ -190,16 +200,11 @@ def main():
 
     # 2. Model, tokenizer, adapter.
     try:
-        model, tokenizer = load_llama(args.model, device=device, dtype=dtype)
-        if tokenizer is None:
-            usage_error(f"{args.model} has no tokenizer.json; generate.py needs one to read text")
-        adapter = args.adapter
-        if adapter == "auto":
-            adapter = str(SHIPPED_ADAPTER) if args.model == "smollm2-135m" and SHIPPED_ADAPTER.exists() else "none"
-        if adapter != "none":
-            load_adapter(model, adapter)
+        model, tokenizer, adapter = load_model(args.model, args.adapter, device, dtype)
     except LoadError as e:
         usage_error(str(e))
+    if tokenizer is None:
+        usage_error(f"{args.model} has no tokenizer.json; generate.py needs one to read text")
     cfg = model.cfg
     if demo:
         document, key, depth = demo_document(tokenizer, args.seed)
@@ -254,6 +259,9 @@ def main():
         if adapter == "none":
             print("demo: no trained adapter, so the gates are at 0 and the model reads only the last window; "
                   "it finds the key only when the key lies there", file=sys.stderr)
+        elif answer != str(key):
+            print(f"demo: the adapter ({adapter}) does not retrieve pass keys reliably yet; README, Training, "
+                  f"says what it does and does not do", file=sys.stderr)
 
 
 if __name__ == "__main__":

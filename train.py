@@ -8,7 +8,6 @@ Writes out/ckpt.safetensors (trainable tensors + optimizer moments, for --resume
 out/adapter.safetensors (trainable tensors only: what `generate.py --adapter` reads).
 """
 import argparse
-import dataclasses
 import json
 import math
 import os

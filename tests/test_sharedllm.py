@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import tree
@@ -145,8 +144,7 @@ def test_cross_attention_matches_a_manual_softmax():
     """The memory read, written out by hand: softmax(q k^T / sqrt(D)) v with chunk-level RoPE positions."""
     model = tiny(5, gates=0.6)
     torch.manual_seed(1)
-    context, xd = torch.randint(0, V, (1, 3 * L)), torch.randint(0, V, (1, 9))
-    memory = model.encode_context(context)
+    memory = model.encode_context(torch.randint(0, V, (1, 3 * L)))
     x = torch.randn(1, 9, model.cfg.dim)
     ca, cfg = model.layers[1].cross_attention, model.cfg
     k, v = memory.k[1], memory.v[1]
