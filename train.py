@@ -214,6 +214,7 @@ def main(argv=None):
         sys.exit(f"error: the data has {len(stream)} tokens; {(args.val + 1) * args.seq} are needed for one "
                  f"training and {args.val} held-out sequences of --seq {args.seq}; add text or lower --val/--seq")
     n_train = max(n_seq - args.val, 0)
+    fillers = (stream[:n_train * args.seq], stream[n_train * args.seq:])  # retrieval filler: training / held out
 
     def example(i, split=0):
         """Sample i, a pure function of (seed, i, split): resuming needs no saved random state."""
@@ -223,8 +224,7 @@ def main(argv=None):
             ids, n, q0, q1, a = encode_qa(tokenizer, "", prompt, response, L, D)
             return make_example(ids, n, L, (q0, q1), a)
         if rng.random() < retrieval:
-            filler = stream[:n_train * args.seq] if split == 0 else stream[n_train * args.seq:]
-            doc, question, answer = retrieval_sample(rng, filler, tokenizer, rng.randint(1, (args.seq - D) // L),
+            doc, question, answer = retrieval_sample(rng, fillers[split], tokenizer, rng.randint(1, (args.seq - D) // L),
                                                      L, D, split)
             ids, n, q0, q1, a = encode_qa(tokenizer, doc, question, answer, L, D)
             return make_example(ids, n, L, (q0, q1), a)
