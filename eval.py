@@ -12,10 +12,13 @@ import random
 import re
 import statistics
 import sys
-import threading
+import sysconfig
 import time
+from pathlib import Path
 
 import torch
+from pydoc_data import topics
+from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from generate import NEEDLE, format_input, generate, layout, load_model, prepare
@@ -30,6 +33,8 @@ def command(name, helptext, lengths=None, modes=None):
     p.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
     p.add_argument("--adapter", default="auto", help="trained weights; 'none': gates at 0; 'auto': the shipped one")
     p.add_argument("--seed", type=int, default=0, help="where windows, keys and offsets are drawn")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
     if lengths:
         p.add_argument("--lengths", default=lengths, help="input lengths in tokens, comma-separated")
         p.add_argument("--modes", default=modes, help="comma-separated: sharedllm, window, full")
@@ -40,16 +45,15 @@ speed = command("speed", "time and peak memory vs input length, three modes side
                 "4096,8192,16384,32768,65536,131072", "sharedllm,window,full")
 speed.add_argument("--new_tokens", type=int, default=32, help="tokens decoded after the prefill")
 speed.add_argument("--running", type=int, default=4096, help="D: running-text tokens")
-speed.add_argument("--full_limit", type=float, default=600, help="skip full attention predicted to take longer (s)")
-speed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-speed.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
+speed.add_argument("--full_max", type=int, default=32768, help="longest input for --mode full (353 s at 32K on "
+                   "2 CPU cores; 128K would take ~1.5 h)")
 descent = command("descent", "how often query-aware descent keeps a hidden pass key at the finest level")
 descent.add_argument("--trials", type=int, default=200, help="needles, each at a random offset of its chunk")
 ppl = command("ppl", "perplexity of the last 256 tokens (DESIGN Sec. 7)", "4096,8192,32768,131072",
               "sharedllm,window,full")
 ppl.add_argument("--files", nargs="*", default=[], help="text files (default: held-out code: the standard "
                  "library's packages, which training never reads)")
-ppl.add_argument("--windows", type=int, default=3, help="windows per length")
+ppl.add_argument("--windows", type=int, default=8, help="windows (end positions), shared by all lengths")
 ppl.add_argument("--full_max", type=int, default=8192, help="longest input for --mode full")
 passkey = command("passkey", "pass-key retrieval accuracy, length x depth", "8192,32768,131072", "sharedllm,window")
 passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fractions of the input)")
@@ -58,34 +62,19 @@ passkey.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"],
 passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (needs matplotlib)")
 
 
-class PeakMemory:
-    """Peak memory while the block runs: process RSS sampled every 5 ms on CPU; allocated memory on CUDA."""
+def reset_peak(device):
+    """Start measuring peak memory: the kernel's high-water mark of the process RSS on CPU (Linux), the
+    allocator's peak on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
 
-    def __init__(self, device):
-        self.cuda, self.peak, self.running = device.type == "cuda", 0.0, False
 
-    def rss(self):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
-
-    def watch(self):
-        while self.running:
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.005)
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        self.running, self.peak = True, self.rss()
-        self.thread = threading.Thread(target=self.watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated() / 2**20
+def peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return int(re.search(r"VmHWM:\s*(\d+)", Path("/proc/self/status").read_text())[1]) / 1024
 
 
 def sync(device):
@@ -93,24 +82,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_rate(device, dtype, n=4096, repeats=5) -> float:
-    """Median FLOP/s of an n x n x n matmul: the machine's practical peak for this dtype."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(repeats + 1):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times[1:])
+def matmul_rate(device, dtype, n=4096) -> float:
+    """FLOP/s of an n x n x n matmul (median of repeats): the machine's practical peak for this dtype."""
+    timer = benchmark.Timer("a @ a", globals={"a": torch.randn(n, n, device=device, dtype=dtype)},
+                            num_threads=torch.get_num_threads())
+    return 2 * n**3 / timer.blocked_autorange(min_run_time=2).median
 
 
 def text_tokens(tokenizer, n: int) -> list[int]:
     """n tokens of real text: Python's docs, then its standard library's sources, repeated if needed."""
-    import sysconfig
-    from pathlib import Path
-    from pydoc_data import topics
     parts = ["\n\n".join(topics.topics[k] for k in sorted(topics.topics))]
     for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         if sum(map(len, parts)) > 6 * n:
@@ -121,8 +101,8 @@ def text_tokens(tokenizer, n: int) -> list[int]:
 
 
 def run_speed(args):
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    model, tokenizer = model_for(args, device, dtype)
+    model, tokenizer = model_for(args)
+    device, dtype = model.output.weight.device, model.output.weight.dtype
     cfg, L = model.cfg, model.cfg.chunk_len
     lengths, modes = [int(x) for x in args.lengths.split(",")], args.modes.split(",")
     question = tokenizer.encode("\n\nQuestion: what is this text about? Answer:").ids
@@ -140,42 +120,35 @@ def run_speed(args):
     query_flops = query_counter.get_total_flops()
     chunk_flops = (counter.get_total_flops() - query_flops) / 4
 
-    rows, full_times = [], []
+    rows = []
     pick = lambda logits: int(logits.argmax())  # noqa: E731  (greedy, and no stop token: always new_tokens)
     for T in lengths:
         tokens = ids[:T - len(question)] + question
         n = layout(T, cfg.max_seq_len, L, args.running, args.new_tokens)
         for mode in modes:
-            if mode == "full" and len(full_times) >= 2:  # predict from a*T + b*T^2 through the last two points
-                (t1, s1), (t2, s2) = full_times[-2:]
-                b = (s2 / t2 - s1 / t1) / (t2 - t1)
-                predicted = (s1 / t1 - b * t1) * T + b * T * T
-                if predicted > args.full_limit:
-                    print(f"skip full at {T}: predicted {predicted:.0f} s > --full_limit", file=sys.stderr)
-                    continue
+            if mode == "full" and T > args.full_max:
+                continue
             split = 0 if mode == "full" else n * L
             running = torch.tensor([tokens[split:]], device=device)
             print(f"{mode} at {T} tokens ...", file=sys.stderr)
-            with PeakMemory(device) as mem:
+            reset_peak(device)
+            sync(device)
+            t0 = time.perf_counter()
+            memory = None
+            if mode == "sharedllm" and n > 0:  # 2. the context tree, query-aware (the question's last token)
+                query = model.query_states(running)[:, -1]
+                memory = model.encode_context(torch.tensor([tokens[:split]], device=device), query)
+            sync(device)
+            t1 = time.perf_counter()
+            steps = []
+            for _ in generate(model, running, memory, args.new_tokens, set(), pick):  # 3. prefill, decode
                 sync(device)
-                t0 = time.perf_counter()
-                memory = None
-                if mode == "sharedllm" and n > 0:  # 2. the context tree, query-aware (the question's last token)
-                    query = model.query_states(running)[:, -1]
-                    memory = model.encode_context(torch.tensor([tokens[:split]], device=device), query)
-                sync(device)
-                t1 = time.perf_counter()
-                steps = []
-                for _ in generate(model, running, memory, args.new_tokens, set(), pick):  # 3. prefill, decode
-                    sync(device)
-                    steps.append(time.perf_counter())
+                steps.append(time.perf_counter())
             total = steps[-1] - t0
-            if mode == "full":
-                full_times.append((T, total))
             decode = (len(steps) - 1) / (steps[-1] - steps[0])
             tree_rate = (n * chunk_flops + query_flops) / (t1 - t0) if memory is not None else 0
             rows.append((T, mode, n if mode == "sharedllm" else 0, running.size(1), t1 - t0, steps[0] - t1, decode,
-                         total, mem.peak, tree_rate / peak_rate))
+                         total, peak_mb(device), tree_rate / peak_rate))
             print(f"  total {total:.1f} s", file=sys.stderr)
 
     # 4. The table, with each length's speed-up of sharedllm over full attention.
@@ -192,9 +165,10 @@ def run_speed(args):
               f"{peak:.0f} | {f'{frac:.0%}' if frac else ''} | {ratio} |")
 
 
-def model_for(args, device="cpu", dtype=torch.bfloat16):
+def model_for(args):
     try:
-        model, tokenizer, adapter = load_model(args.model, args.adapter, device, dtype)
+        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device),
+                                               getattr(torch, args.dtype))
     except LoadError as e:
         sys.exit(f"error: {e}")
     print(f"adapter: {adapter}", file=sys.stderr)
@@ -203,8 +177,6 @@ def model_for(args, device="cpu", dtype=torch.bfloat16):
 
 def held_out_code():
     """The standard library's packages (asyncio, email, ...): training reads only its top-level modules."""
-    import sysconfig
-    from pathlib import Path
     root = Path(sysconfig.get_paths()["stdlib"])
     return "\n\n".join(f.read_text(errors="replace") for f in sorted(root.glob("*/*.py"))
                         if "test" not in f.parts[-2] and "site-packages" not in str(f))
@@ -213,46 +185,53 @@ def held_out_code():
 @torch.no_grad()
 def run_ppl(args):
     """DESIGN Sec. 7: X_D = the last 4096 tokens (2048 at 4K), loss on its last 256; the context = the chunks
-    before it. window = X_D alone; full = plain attention over all T tokens."""
+    before it. window = X_D alone; full = plain attention over all T tokens. Every length ends at the same
+    place in a window, so all lengths score the same 256 tokens and differ only in how much comes before."""
     model, tokenizer = model_for(args)
     L, rng = model.cfg.chunk_len, random.Random(args.seed)
-    texts = [open(f, errors="replace").read() for f in args.files] or [held_out_code()]
+    try:
+        texts = [Path(f).read_text(errors="replace") for f in args.files] or [held_out_code()]
+    except OSError as e:
+        sys.exit(f"error: cannot read {e.filename} ({e.strerror}); give readable text files")
     ids = [t for enc in tokenizer.encode_batch(texts) for t in enc.ids]
-    lengths, modes = [int(x) for x in args.lengths.split(",")], args.modes.split(",")
-    results = {}
+    lengths, modes = [int(x) for x in args.lengths.split(",") if int(x) <= len(ids)], args.modes.split(",")
+    if not lengths:
+        sys.exit(f"error: the text has only {len(ids)} tokens; give more text or shorter --lengths")
+    ends = [rng.randrange(max(lengths), len(ids) + 1) for _ in range(args.windows)]
+    losses = {}
     for T in lengths:
-        if T > len(ids):
-            print(f"skip {T}: the text has only {len(ids)} tokens", file=sys.stderr)
-            continue
         D = T - (T - min(4096, T // 2)) // L * L  # the context is whole chunks; X_D takes the rest
-        for w in range(args.windows):
-            start = rng.randrange(len(ids) - T + 1)
-            window = torch.tensor([ids[start:start + T]])
+        for end in ends:
+            window = torch.tensor([ids[end - T:end]], device=model.output.weight.device)
             targets = window.clone()
             targets[:, :-256] = -100  # loss on the last 256 tokens only
-            for mode in modes:
-                if mode == "full" and T > args.full_max:
-                    continue
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    if mode == "full":
-                        loss = model(window[:, :-1], targets[:, 1:])[1]
-                    else:
-                        memory = model.encode_context(window[:, :T - D]) if mode == "sharedllm" else None
-                        loss = model(window[:, T - D:-1], targets[:, T - D + 1:], memory=memory)[1]
-                results.setdefault((T, mode), []).append(loss.item())
-            print(f"{T} window {w}: " + ", ".join(f"{m} {math.exp(results[(T, m)][-1]):.2f}" for m in modes
-                                                   if (T, m) in results), file=sys.stderr)
-    print(f"\nperplexity of the last 256 tokens, mean over {args.windows} windows\n")
-    print("| tokens | " + " | ".join(modes) + " |\n|---|" + "---|" * len(modes))
+            for mode in [m for m in modes if m != "full" or T <= args.full_max]:
+                if mode == "full":
+                    loss = model(window[:, :-1], targets[:, 1:])[1]
+                else:
+                    memory = model.encode_context(window[:, :T - D]) if mode == "sharedllm" else None
+                    loss = model(window[:, T - D:-1], targets[:, T - D + 1:], memory=memory)[1]
+                losses.setdefault((T, mode), []).append(loss.item())
+            print(f"{T} ending at {end}: " + ", ".join(f"{m} {math.exp(losses[(T, m)][-1]):.3f}" for m in modes
+                                                       if (T, m) in losses), file=sys.stderr)
+    print(f"\nperplexity of the same last 256 tokens of {args.windows} windows (exp of the mean loss); last column: "
+          f"windows where the context lowered the loss\n")
+    print("| tokens | " + " | ".join(modes) + " | sharedllm < window |\n|---|" + "---|" * (len(modes) + 1))
     for T in lengths:
-        cells = [f"{math.exp(statistics.mean(results[(T, m)])):.3f}" if (T, m) in results else "" for m in modes]
-        print(f"| {T} | " + " | ".join(cells) + " |")
+        cells = [f"{math.exp(statistics.mean(losses[(T, m)])):.3f}" if (T, m) in losses else "" for m in modes]
+        wins = sum(a < b for a, b in zip(losses.get((T, "sharedllm"), []), losses.get((T, "window"), [])))
+        print(f"| {T} | " + " | ".join(cells) + f" | {wins}/{args.windows} |")
 
 
 @torch.no_grad()
 def run_passkey(args):
     """A pass key at each depth of real filler (Python's docs); 'What is the pass key?'; correct when the first
     number generated after "The pass key is" equals the key."""
+    if args.plot:  # before the sweep, not after it
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError:
+            sys.exit("error: --plot needs matplotlib (pip install matplotlib); or run without --plot for the table")
     model, tokenizer = model_for(args)
     rng = random.Random(args.seed)
     lengths, depths, modes = ([int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")],
@@ -270,8 +249,7 @@ def run_passkey(args):
                 for mode in modes:
                     _, _, tokens, memory, _ = prepare(model, tokenizer, text, "What is the pass key?",
                                                       "The pass key is", mode, args.policy, 8, 4096)
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        out = list(generate(model, tokens, memory, 8, set(), lambda x: int(x.argmax())))
+                    out = list(generate(model, tokens, memory, 8, set(), lambda x: int(x.argmax())))
                     found = re.findall(r"\d+", tokenizer.decode(out))
                     correct.setdefault((mode, T, depth), []).append(bool(found) and found[0] == str(key))
             print(f"{T} depth {depth}: " + ", ".join(f"{m} {sum(correct[(m, T, depth)])}/{args.trials}"
@@ -284,16 +262,10 @@ def run_passkey(args):
             cells = [statistics.mean(correct[(mode, T, d)]) for d in depths]
             print(f"| {mode} | {T} | " + " | ".join(f"{c:.0%}" for c in cells) + f" | {statistics.mean(cells):.0%} |")
     if args.plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            sys.exit("error: --plot needs matplotlib (pip install matplotlib)")
         fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3), squeeze=False)
         for ax, mode in zip(axes[0], modes):
-            grid = [[statistics.mean(correct[(mode, T, d)]) for T in lengths] for d in depths]
-            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.imshow([[statistics.mean(correct[(mode, T, d)]) for T in lengths] for d in depths], vmin=0, vmax=1,
+                      cmap="RdYlGn", aspect="auto")
             ax.set(title=mode, xlabel="tokens", ylabel="depth", xticks=range(len(lengths)), yticks=range(len(depths)),
                    xticklabels=[f"{T // 1024}K" for T in lengths], yticklabels=[f"{d:.0%}" for d in depths])
         fig.tight_layout()
@@ -305,7 +277,7 @@ def run_descent(args):
     """A pass-key sentence at a random offset of a chunk of real text; the running text ends with the question.
     A trial succeeds when the key's digits land in the finest (level-h) nodes. Random descent: 1 in 2^(h-1)."""
     model, tokenizer = model_for(args)
-    L, rng = model.cfg.chunk_len, random.Random(args.seed)
+    L, rng, device = model.cfg.chunk_len, random.Random(args.seed), model.output.weight.device
     filler = text_tokens(tokenizer, 400_000)
     wins = {"right": 0, "cosine": 0, "maxsim": 0}
     for _ in range(args.trials):
@@ -320,9 +292,9 @@ def run_descent(args):
                                   "What is the pass key?")
         enc = tokenizer.encode(text)
         q = [i for i, (a, b) in enumerate(enc.offsets) if a < span[1] and b > span[0]]
-        states = model.query_states(torch.tensor([enc.ids]))[0]
-        for policy, query in (("right", None), ("cosine", states[q[-1]][None]), ("maxsim", states[q[0]:q[-1] + 1][None])):
-            nodes = model.encode_context(torch.tensor([chunk]), query).trees[0][0]
+        states = model.query_states(torch.tensor([enc.ids], device=device))[0]
+        for policy, query in ("right", None), ("cosine", states[q[-1]][None]), ("maxsim", states[q[0]:q[-1] + 1][None]):
+            nodes = model.encode_context(torch.tensor([chunk], device=device), query).trees[0][0]
             finest = [n for n in nodes if n.level == model.cfg.tree_depth]
             wins[policy] += finest[0].start <= at and at + len(digits) <= finest[-1].end
     print(f"\nkey digits kept at the finest level, {args.trials} trials, {L}-token chunks, depth "

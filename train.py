@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from generate import NEEDLE, format_input
-from load_llama import LoadError, load_llama
+from load_llama import LoadError, load_adapter, load_llama
 
 parser = argparse.ArgumentParser(description="Train SharedLLM's cross-attention (and optionally more).")
 parser.add_argument("--data", nargs="*", default=[], help="text/markdown files, folders, .jsonl ({'text'} or "
@@ -52,6 +52,7 @@ parser.add_argument("--save_every", type=int, default=50, help="checkpoint every
 parser.add_argument("--log_every", type=int, default=10, help="a log line every N steps")
 parser.add_argument("--val", type=int, default=8, help="held-out sequences for the final validation")
 parser.add_argument("--resume", action="store_true", help="continue from --out/ckpt.safetensors")
+parser.add_argument("--init", help="start from these trained weights (an adapter.safetensors), with a fresh optimizer")
 parser.add_argument("--on_bad_line", default="skip", choices=["skip", "stop"], help="malformed .jsonl lines")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 
@@ -192,6 +193,10 @@ def main(argv=None):
     # 1. Model: fp32 master weights; only the chosen part trains. The lower pass runs under no_grad.
     try:
         model, tokenizer = load_llama(args.model, device=device, n_inject=args.n_inject, chunk_len=L)
+        if args.init:
+            if not Path(args.init).is_file():
+                sys.exit(f"error: --init {args.init} does not exist; give an adapter.safetensors that train.py wrote")
+            load_adapter(model, args.init)
     except LoadError as e:
         sys.exit(f"error: {e}")
     cfg, M = model.cfg, args.n_inject

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Hugging Face Llama checkpoints (the reference), and the default model."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +35,16 @@ def make_tiny_checkpoint(folder: Path, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("norm.weight") else 0.15 * torch.randn_like(p))
     model.to(dtype).save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+def tiny_with_real_tokenizer(folder: Path, max_position_embeddings: int) -> Path:
+    """A 4-layer random Llama that reads SmolLM2's tokenizer (fixture smollm2 puts it in the cache)."""
+    from load_llama import smollm2_folder
+    make_tiny_checkpoint(folder, vocab_size=49152, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_position_embeddings)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_folder() / name, folder / name)
     return folder
 
 

@@ -3,7 +3,6 @@ data-parallel equivalence, bad inputs."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train
-from conftest import make_tiny_checkpoint
+from conftest import tiny_with_real_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2):
-    """A 4-layer random Llama that reads SmolLM2's tokenizer."""
-    from load_llama import smollm2_folder
-    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tinytok") / "m", vocab_size=49152,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_folder() / name, folder / name)
-    return folder
+    return tiny_with_real_tokenizer(tmp_path_factory.mktemp("tinytok") / "m", max_position_embeddings=512)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +135,16 @@ def test_bad_inputs(tiny, tmp_path, capsys, monkeypatch):
     fails(base_args(tiny, tmp_path / "o", "--data", str(bad), "--steps", "2", "--val", "0", "--tune", "top",
                     "--resume"), "was trained with another model or config: tune=xattn (now top)")
     fails(base_args(tiny, tmp_path / "fresh", "--resume"), "no checkpoint at")
+    fails(base_args(tiny, tmp_path / "fresh", "--init", str(tmp_path / "no.safetensors")), "--init")
+
+
+def test_init_starts_from_a_trained_adapter(tiny, tmp_path):
+    train.main(base_args(tiny, tmp_path / "a", "--steps", "3", "--grad_accum", "1", "--val", "0"))
+    train.main(base_args(tiny, tmp_path / "b", "--steps", "1", "--grad_accum", "1", "--val", "0", "--lr", "0",
+                         "--gate_lr", "0", "--init", str(tmp_path / "a" / "adapter.safetensors")))
+    a, b = load_file(tmp_path / "a" / "adapter.safetensors"), load_file(tmp_path / "b" / "adapter.safetensors")
+    assert any(a[n].abs().sum() > 0 for n in a if n.endswith(".gate"))  # trained, so unlike a fresh start
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)  # learning rate 0: kept as loaded
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):

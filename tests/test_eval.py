@@ -1,0 +1,49 @@
+"""eval.py's ppl and passkey commands on a tiny random model with the real tokenizer: they run end to end, and
+with the gates at zero the context changes nothing (sharedllm == window, to the last digit)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import pydoc_text, tiny_with_real_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2):
+    return tiny_with_real_tokenizer(tmp_path_factory.mktemp("tinyeval") / "m", max_position_embeddings=8192)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_ppl_with_the_gates_at_zero_equals_the_window(tiny, tmp_path):
+    text = tmp_path / "prose.txt"
+    text.write_text(pydoc_text()[:200_000])
+    r = run("ppl", "--model", str(tiny), "--adapter", "none", "--files", str(text), "--lengths", "4096,8192",
+            "--windows", "2", "--modes", "sharedllm,window,full")
+    assert r.returncode == 0, r.stderr
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]*) \| (\d)/2 \|$", r.stdout, re.M)
+    assert [row[0] for row in rows] == ["4096", "8192"], r.stdout
+    for T, shared, window, full, wins in rows:
+        assert shared == window and wins == "0" and float(full) > 0  # memory read with gates at 0 adds nothing
+
+
+def test_passkey_prints_one_row_per_mode_and_length(tiny):
+    r = run("passkey", "--model", str(tiny), "--adapter", "none", "--lengths", "6144", "--depths", "0,1",
+            "--trials", "1", "--modes", "sharedllm,window")
+    assert r.returncode == 0, r.stderr
+    assert re.findall(r"^\| (\w+) \| 6144 \| \d+% \| \d+% \| \d+% \|$", r.stdout, re.M) == ["sharedllm", "window"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ppl", "--files", "/no/such/file.txt"], "cannot read /no/such/file.txt"),
+    (["ppl", "--files", "README.md", "--lengths", "10000000"], "the text has only"),
+])
+def test_bad_input(tiny, args, message):
+    r = run(*args, "--model", str(tiny), "--adapter", "none")
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
