@@ -37,7 +37,8 @@ def command(name, helptext, lengths=None, modes=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
     if lengths:
         p.add_argument("--lengths", default=lengths, help="input lengths in tokens, comma-separated")
-        p.add_argument("--modes", default=modes, help="comma-separated: sharedllm, window, full")
+        p.add_argument("--modes", default=modes, help="comma-separated: sharedllm, window, full" +
+                       (", other (sharedllm reading an unrelated context: a control)" if name == "ppl" else ""))
     return p
 
 
@@ -208,19 +209,25 @@ def run_ppl(args):
             for mode in [m for m in modes if m != "full" or T <= args.full_max]:
                 if mode == "full":
                     loss = model(window[:, :-1], targets[:, 1:])[1]
-                else:
-                    memory = model.encode_context(window[:, :T - D]) if mode == "sharedllm" else None
+                else:  # control "other": the context of a place half the text away, so no help but its style
+                    far = (end - T + len(ids) // 2) % (len(ids) - T + 1)
+                    context = window[:, :T - D] if mode == "sharedllm" else torch.tensor([ids[far:far + T - D]])
+                    memory = model.encode_context(context.to(window.device)) if mode != "window" else None
                     loss = model(window[:, T - D:-1], targets[:, T - D + 1:], memory=memory)[1]
                 losses.setdefault((T, mode), []).append(loss.item())
             print(f"{T} ending at {end}: " + ", ".join(f"{m} {math.exp(losses[(T, m)][-1]):.3f}" for m in modes
                                                        if (T, m) in losses), file=sys.stderr)
-    print(f"\nperplexity of the same last 256 tokens of {args.windows} windows (exp of the mean loss); last column: "
-          f"windows where the context lowered the loss\n")
-    print("| tokens | " + " | ".join(modes) + " | sharedllm < window |\n|---|" + "---|" * (len(modes) + 1))
+    rivals = [m for m in ("window", "other") if m in modes and "sharedllm" in modes]
+    print(f"\nperplexity of the same last 256 tokens of {args.windows} windows (exp of the mean loss); then the "
+          f"windows where sharedllm's loss was lower\n")
+    print("| tokens | " + " | ".join(modes + [f"sharedllm < {m}" for m in rivals]) + " |\n|---|" +
+          "---|" * (len(modes) + len(rivals)))
     for T in lengths:
         cells = [f"{math.exp(statistics.mean(losses[(T, m)])):.3f}" if (T, m) in losses else "" for m in modes]
-        wins = sum(a < b for a, b in zip(losses.get((T, "sharedllm"), []), losses.get((T, "window"), [])))
-        print(f"| {T} | " + " | ".join(cells) + f" | {wins}/{args.windows} |")
+        for m in rivals:
+            wins = sum(a < b for a, b in zip(losses[(T, "sharedllm")], losses.get((T, m), [])))
+            cells.append(f"{wins}/{len(losses.get((T, m), []))}")
+        print(f"| {T} | " + " | ".join(cells) + " |")
 
 
 @torch.no_grad()
@@ -305,4 +312,7 @@ def run_descent(args):
 
 if __name__ == "__main__":
     args = parser.parse_args()
+    allowed = {"sharedllm", "window", "full"} | ({"other"} if args.command == "ppl" else set())
+    if set(getattr(args, "modes", "sharedllm").split(",")) - allowed:
+        parser.error(f"--modes takes a comma-separated list of {', '.join(sorted(allowed))}")
     {"speed": run_speed, "descent": run_descent, "ppl": run_ppl, "passkey": run_passkey}[args.command](args)

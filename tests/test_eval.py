@@ -25,12 +25,14 @@ def test_ppl_with_the_gates_at_zero_equals_the_window(tiny, tmp_path):
     text = tmp_path / "prose.txt"
     text.write_text(pydoc_text()[:200_000])
     r = run("ppl", "--model", str(tiny), "--adapter", "none", "--files", str(text), "--lengths", "4096,8192",
-            "--windows", "2", "--modes", "sharedllm,window,full")
+            "--windows", "2", "--modes", "sharedllm,window,full,other")
     assert r.returncode == 0, r.stderr
-    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]*) \| (\d)/2 \|$", r.stdout, re.M)
+    row = r"^\| (\d+)" + r" \| ([\d.]+)" * 4 + r" \| (\d)/2" * 2 + r" \|$"  # 4 modes, sharedllm < window, < other
+    rows = re.findall(row, r.stdout, re.M)
     assert [row[0] for row in rows] == ["4096", "8192"], r.stdout
-    for T, shared, window, full, wins in rows:
-        assert shared == window and wins == "0" and float(full) > 0  # memory read with gates at 0 adds nothing
+    for T, shared, window, full, other, wins, wins_other in rows:
+        assert shared == window == other and wins == wins_other == "0"  # gates at 0: memory adds nothing
+        assert float(full) > 0
 
 
 def test_passkey_prints_one_row_per_mode_and_length(tiny):
@@ -43,6 +45,7 @@ def test_passkey_prints_one_row_per_mode_and_length(tiny):
 @pytest.mark.parametrize("args, message", [
     (["ppl", "--files", "/no/such/file.txt"], "cannot read /no/such/file.txt"),
     (["ppl", "--files", "README.md", "--lengths", "10000000"], "the text has only"),
+    (["ppl", "--modes", "sharedllm,fast"], "--modes takes"),
 ])
 def test_bad_input(tiny, args, message):
     r = run(*args, "--model", str(tiny), "--adapter", "none")
