@@ -37,8 +37,7 @@ def command(name, helptext, lengths=None, modes=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
     if lengths:
         p.add_argument("--lengths", default=lengths, help="input lengths in tokens, comma-separated")
-        p.add_argument("--modes", default=modes, help="comma-separated: sharedllm, window, full" +
-                       (", other (sharedllm reading an unrelated context: a control)" if name == "ppl" else ""))
+        p.add_argument("--modes", default=modes, help="comma-separated: sharedllm, window, full (ppl: also other)")
     return p
 
 
@@ -46,14 +45,12 @@ speed = command("speed", "time and peak memory vs input length, three modes side
                 "4096,8192,16384,32768,65536,131072", "sharedllm,window,full")
 speed.add_argument("--new_tokens", type=int, default=32, help="tokens decoded after the prefill")
 speed.add_argument("--running", type=int, default=4096, help="D: running-text tokens")
-speed.add_argument("--full_max", type=int, default=32768, help="longest input for --mode full (353 s at 32K on "
-                   "2 CPU cores; 128K would take ~1.5 h)")
+speed.add_argument("--full_max", type=int, default=32768, help="longest input for --mode full (32K: ~6 min on 2 cores)")
 descent = command("descent", "how often query-aware descent keeps a hidden pass key at the finest level")
 descent.add_argument("--trials", type=int, default=200, help="needles, each at a random offset of its chunk")
 ppl = command("ppl", "perplexity of the last 256 tokens (DESIGN Sec. 7)", "4096,8192,32768,131072",
               "sharedllm,window,full")
-ppl.add_argument("--files", nargs="*", default=[], help="text files (default: held-out code: the standard "
-                 "library's packages, which training never reads)")
+ppl.add_argument("--files", nargs="*", default=[], help="text files (default: the stdlib's packages, never trained on)")
 ppl.add_argument("--windows", type=int, default=8, help="windows (end positions), shared by all lengths")
 ppl.add_argument("--full_max", type=int, default=8192, help="longest input for --mode full")
 passkey = command("passkey", "pass-key retrieval accuracy, length x depth", "8192,32768,131072", "sharedllm,window")
@@ -199,7 +196,7 @@ def run_ppl(args):
     if not lengths:
         sys.exit(f"error: the text has only {len(ids)} tokens; give more text or shorter --lengths")
     ends = [rng.randrange(max(lengths), len(ids) + 1) for _ in range(args.windows)]
-    losses = {}
+    losses, window_loss = {}, {}  # window: X_D alone, the same last 4096 tokens at every length from 8K on
     for T in lengths:
         D = T - (T - min(4096, T // 2)) // L * L  # the context is whole chunks; X_D takes the rest
         for end in ends:
@@ -209,11 +206,15 @@ def run_ppl(args):
             for mode in [m for m in modes if m != "full" or T <= args.full_max]:
                 if mode == "full":
                     loss = model(window[:, :-1], targets[:, 1:])[1]
+                elif mode == "window" and (end, D) in window_loss:
+                    loss = window_loss[(end, D)]
                 else:  # control "other": the context of a place half the text away, so no help but its style
                     far = (end - T + len(ids) // 2) % (len(ids) - T + 1)
                     context = window[:, :T - D] if mode == "sharedllm" else torch.tensor([ids[far:far + T - D]])
                     memory = model.encode_context(context.to(window.device)) if mode != "window" else None
                     loss = model(window[:, T - D:-1], targets[:, T - D + 1:], memory=memory)[1]
+                    if mode == "window":
+                        window_loss[(end, D)] = loss
                 losses.setdefault((T, mode), []).append(loss.item())
             print(f"{T} ending at {end}: " + ", ".join(f"{m} {math.exp(losses[(T, m)][-1]):.3f}" for m in modes
                                                        if (T, m) in losses), file=sys.stderr)
