@@ -57,27 +57,21 @@ passkey = command("passkey", "pass-key retrieval accuracy, length x depth", "819
 passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fractions of the input)")
 passkey.add_argument("--trials", type=int, default=4, help="keys per length and depth")
 passkey.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"], help="query-aware descent")
+passkey.add_argument("--running", type=int, default=4096, help="D: running-text tokens (the rest is the tree's)")
 passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (needs matplotlib)")
 
 
 def reset_peak(device):
-    """Start measuring peak memory: the kernel's high-water mark of the process RSS on CPU (Linux), the
-    allocator's peak on CUDA."""
+    """Start measuring peak memory: the kernel's high-water mark of the RSS on CPU (Linux), the allocator's on CUDA."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")
+        return torch.cuda.reset_peak_memory_stats()
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return int(re.search(r"VmHWM:\s*(\d+)", Path("/proc/self/status").read_text())[1]) / 1024
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_rate(device, dtype, n=4096) -> float:
@@ -102,6 +96,7 @@ def run_speed(args):
     model, tokenizer = model_for(args)
     device, dtype = model.output.weight.device, model.output.weight.dtype
     cfg, L = model.cfg, model.cfg.chunk_len
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     lengths, modes = [int(x) for x in args.lengths.split(",")], args.modes.split(",")
     question = tokenizer.encode("\n\nQuestion: what is this text about? Answer:").ids
     ids = text_tokens(tokenizer, max(lengths))
@@ -110,13 +105,11 @@ def run_speed(args):
 
     # 1. Tree FLOPs per chunk (matmuls, counted by torch on a 4-chunk context: every chunk costs the same at
     # inference) and of the query pass, to turn tree time into achieved FLOP/s.
-    with FlopCounterMode(display=False) as counter:
-        model.encode_context(torch.tensor([ids[:4 * L]], device=device), model.query_states(
-            torch.tensor([ids[:args.running]], device=device))[:, -1])
     with FlopCounterMode(display=False) as query_counter:
-        model.query_states(torch.tensor([ids[:args.running]], device=device))
-    query_flops = query_counter.get_total_flops()
-    chunk_flops = (counter.get_total_flops() - query_flops) / 4
+        query = model.query_states(torch.tensor([ids[:args.running]], device=device))[:, -1]
+    with FlopCounterMode(display=False) as counter:
+        model.encode_context(torch.tensor([ids[:4 * L]], device=device), query)
+    query_flops, chunk_flops = query_counter.get_total_flops(), counter.get_total_flops() / 4
 
     rows = []
     pick = lambda logits: int(logits.argmax())  # noqa: E731  (greedy, and no stop token: always new_tokens)
@@ -130,17 +123,17 @@ def run_speed(args):
             running = torch.tensor([tokens[split:]], device=device)
             print(f"{mode} at {T} tokens ...", file=sys.stderr)
             reset_peak(device)
-            sync(device)
+            sync()
             t0 = time.perf_counter()
             memory = None
             if mode == "sharedllm" and n > 0:  # 2. the context tree, query-aware (the question's last token)
                 query = model.query_states(running)[:, -1]
                 memory = model.encode_context(torch.tensor([tokens[:split]], device=device), query)
-            sync(device)
+            sync()
             t1 = time.perf_counter()
             steps = []
             for _ in generate(model, running, memory, args.new_tokens, set(), pick):  # 3. prefill, decode
-                sync(device)
+                sync()
                 steps.append(time.perf_counter())
             total = steps[-1] - t0
             decode = (len(steps) - 1) / (steps[-1] - steps[0])
@@ -155,8 +148,7 @@ def run_speed(args):
           f"{peak_rate / 1e12:.2f} TFLOP/s (start) / {matmul_rate(device, dtype) / 1e12:.2f} (end); "
           f"{args.new_tokens} new tokens\n")
     print("| tokens | mode | chunks | running | tree s | prefill s | decode tok/s | total s | peak MB | tree % of peak "
-          "| full / sharedllm |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| full / sharedllm |\n" + "|---" * 11 + "|")
     for T, mode, n, run_len, tree_s, prefill_s, dec, total, peak, frac in rows:
         ratio = f"{totals[(T, 'full')] / total:.1f}x" if mode == "sharedllm" and (T, "full") in totals else ""
         print(f"| {T} | {mode} | {n} | {run_len} | {tree_s:.1f} | {prefill_s:.1f} | {dec:.1f} | {total:.1f} | "
@@ -199,11 +191,14 @@ def run_ppl(args):
     losses, window_loss = {}, {}  # window: X_D alone, the same last 4096 tokens at every length from 8K on
     for T in lengths:
         D = T - (T - min(4096, T // 2)) // L * L  # the context is whole chunks; X_D takes the rest
+        run = [m for m in modes if {"full": T <= args.full_max, "other": 4 * T <= len(ids)}.get(m, True)]
+        if "other" in modes and "other" not in run:  # its context, half the text away, could overlap the window
+            print(f"{T}: no 'other' row; it needs a text of {4 * T} tokens, not {len(ids)}", file=sys.stderr)
         for end in ends:
             window = torch.tensor([ids[end - T:end]], device=model.output.weight.device)
             targets = window.clone()
             targets[:, :-256] = -100  # loss on the last 256 tokens only
-            for mode in [m for m in modes if m != "full" or T <= args.full_max]:
+            for mode in run:
                 if mode == "full":
                     loss = model(window[:, :-1], targets[:, 1:])[1]
                 elif mode == "window" and (end, D) in window_loss:
@@ -256,7 +251,7 @@ def run_passkey(args):
                 text = text[:cut] + f" {NEEDLE.format(key=key)} " + text[cut:]
                 for mode in modes:
                     _, _, tokens, memory, _ = prepare(model, tokenizer, text, "What is the pass key?",
-                                                      "The pass key is", mode, args.policy, 8, 4096)
+                                                      "The pass key is", mode, args.policy, 8, args.running)
                     out = list(generate(model, tokens, memory, 8, set(), lambda x: int(x.argmax())))
                     found = re.findall(r"\d+", tokenizer.decode(out))
                     correct.setdefault((mode, T, depth), []).append(bool(found) and found[0] == str(key))

@@ -34,6 +34,7 @@ parser.add_argument("--seq", type=int, default=8192, help="tokens per language-m
 parser.add_argument("--chunk", type=int, default=1024, help="L: context chunk length")
 parser.add_argument("--running", type=int, default=4096, help="D: running-text tokens")
 parser.add_argument("--n_inject", type=int, default=4, help="M: injection layers")
+parser.add_argument("--finest_stride", type=int, default=4, help="keep every s-th token of the finest tree nodes")
 parser.add_argument("--tune", default="xattn", choices=["xattn", "top", "all"],
                     help="xattn: cross-attention + gates; top: also layers M..N-1; all: the whole model")
 parser.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"], help="query-aware descent (QA)")
@@ -192,11 +193,13 @@ def main(argv=None):
 
     # 1. Model: fp32 master weights; only the chosen part trains. The lower pass runs under no_grad.
     try:
-        model, tokenizer = load_llama(args.model, device=device, n_inject=args.n_inject, chunk_len=L)
+        model, tokenizer = load_llama(args.model, device=device, n_inject=args.n_inject, chunk_len=L,
+                                      finest_stride=args.finest_stride)
         if args.init:
             if not Path(args.init).is_file():
                 sys.exit(f"error: --init {args.init} does not exist; give an adapter.safetensors that train.py wrote")
             load_adapter(model, args.init)
+            model.cfg.finest_stride = args.finest_stride  # this run's tree, not the one the init was trained with
     except LoadError as e:
         sys.exit(f"error: {e}")
     cfg, M = model.cfg, args.n_inject
@@ -229,8 +232,8 @@ def main(argv=None):
             ids, n, q0, q1, a = encode_qa(tokenizer, "", prompt, response, L, D)
             return make_example(ids, n, L, (q0, q1), a)
         if rng.random() < retrieval:
-            doc, question, answer = retrieval_sample(rng, fillers[split], tokenizer, rng.randint(1, (args.seq - D) // L),
-                                                     L, D, split)
+            n_ctx = rng.randint(1, (args.seq - D) // L)
+            doc, question, answer = retrieval_sample(rng, fillers[split], tokenizer, n_ctx, L, D, split)
             ids, n, q0, q1, a = encode_qa(tokenizer, doc, question, answer, L, D)
             return make_example(ids, n, L, (q0, q1), a)
         j = rng.randrange(n_train) if split == 0 else n_train + i % args.val

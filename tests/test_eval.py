@@ -24,9 +24,11 @@ def run(*args):
 def test_ppl_with_the_gates_at_zero_equals_the_window(tiny, tmp_path):
     text = tmp_path / "prose.txt"
     text.write_text(pydoc_text()[:200_000])
-    r = run("ppl", "--model", str(tiny), "--adapter", "none", "--files", str(text), "--lengths", "4096,8192",
+    r = run("ppl", "--model", str(tiny), "--adapter", "none", "--files", str(text), "--lengths", "4096,8192,16384",
             "--windows", "2", "--modes", "sharedllm,window,full,other")
     assert r.returncode == 0, r.stderr
+    assert "16384: no 'other' row" in r.stderr  # the text is too short for an unrelated context that far
+    assert re.search(r"^\| 16384 \| [\d.]+ \| [\d.]+ \|  \|  \|", r.stdout, re.M), r.stdout
     row = r"^\| (\d+)" + r" \| ([\d.]+)" * 4 + r" \| (\d)/2" * 2 + r" \|$"  # 4 modes, sharedllm < window, < other
     rows = re.findall(row, r.stdout, re.M)
     assert [row[0] for row in rows] == ["4096", "8192"], r.stdout
@@ -37,7 +39,7 @@ def test_ppl_with_the_gates_at_zero_equals_the_window(tiny, tmp_path):
 
 def test_passkey_prints_one_row_per_mode_and_length(tiny):
     r = run("passkey", "--model", str(tiny), "--adapter", "none", "--lengths", "6144", "--depths", "0,1",
-            "--trials", "1", "--modes", "sharedllm,window")
+            "--trials", "1", "--modes", "sharedllm,window", "--running", "2048")
     assert r.returncode == 0, r.stderr
     assert re.findall(r"^\| (\w+) \| 6144 \| \d+% \| \d+% \| \d+% \|$", r.stdout, re.M) == ["sharedllm", "window"]
 
