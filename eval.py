@@ -21,8 +21,10 @@ from pydoc_data import topics
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
+import tree
 from generate import NEEDLE, format_input, generate, layout, load_model, prepare
 from load_llama import LoadError
+from sharedllm import apply_rope
 
 parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +50,7 @@ speed.add_argument("--running", type=int, default=4096, help="D: running-text to
 speed.add_argument("--full_max", type=int, default=32768, help="longest input for --mode full (32K: ~6 min on 2 cores)")
 descent = command("descent", "how often query-aware descent keeps a hidden pass key at the finest level")
 descent.add_argument("--trials", type=int, default=200, help="needles, each at a random offset of its chunk")
+descent.add_argument("--mass_trials", type=int, default=20, help="of them, with the attention measured (a 4K prefill)")
 ppl = command("ppl", "perplexity of the last 256 tokens (DESIGN Sec. 7)", "4096,8192,32768,131072",
               "sharedllm,window,full")
 ppl.add_argument("--files", nargs="*", default=[], help="text files (default: the stdlib's packages, never trained on)")
@@ -276,14 +279,21 @@ def run_passkey(args):
         print(f"wrote {args.plot}", file=sys.stderr)
 
 
+@torch.no_grad()
 def run_descent(args):
     """A pass-key sentence at a random offset of a chunk of real text; the running text ends with the question.
-    A trial succeeds when the key's digits land in the finest (level-h) nodes. Random descent: 1 in 2^(h-1)."""
+    A trial succeeds when the key's digits land in the finest (level-h) nodes. Random descent: 1 in 2^(h-1).
+    Then, in the first --mass_trials, with MaxSim's memory: the cross-attention mass on the key's entries when the
+    answer's first digit is due, per injection layer, against the key's share of the entries (uniform attention)."""
     model, tokenizer = model_for(args)
-    L, rng, device = model.cfg.chunk_len, random.Random(args.seed), model.output.weight.device
+    L, rng, device, cfg = model.cfg.chunk_len, random.Random(args.seed), model.output.weight.device, model.cfg
     filler = text_tokens(tokenizer, 400_000)
-    wins = {"right": 0, "cosine": 0, "maxsim": 0}
-    for _ in range(args.trials):
+    strides = tree.strides(cfg.tree_depth, cfg.finest_stride)
+    seen = {}  # each cross-attention's input at the last position, captured by a hook
+    for j, layer in enumerate(model.layers[:cfg.n_inject]):
+        layer.cross_attention.register_forward_pre_hook(lambda m, a, j=j: seen.__setitem__(j, a[0][:, -1:]))
+    wins, mass = {"right": 0, "cosine": 0, "maxsim": 0}, [[] for _ in range(cfg.n_inject + 1)]
+    for trial in range(args.trials):
         key = rng.randint(10000, 99999)
         needle = tokenizer.encode(" " + NEEDLE.format(key=key) + " ").ids
         digits = tokenizer.encode(f" {key}").ids
@@ -292,18 +302,35 @@ def run_descent(args):
         chunk = filler[start:start + offset] + needle + filler[start + offset:start + L - len(needle)]
         at = offset + next(i for i in range(len(needle)) if needle[i:i + len(digits)] == digits)
         text, span = format_input(tokenizer, tokenizer.decode(filler[start + L:start + L + 4000]),
-                                  "What is the pass key?")
+                                  "What is the pass key?", "The pass key is")
         enc = tokenizer.encode(text)
         q = [i for i, (a, b) in enumerate(enc.offsets) if a < span[1] and b > span[0]]
-        states = model.query_states(torch.tensor([enc.ids], device=device))[0]
+        running = torch.tensor([enc.ids], device=device)
+        states = model.query_states(running)[0]
         for policy, query in ("right", None), ("cosine", states[q[-1]][None]), ("maxsim", states[q[0]:q[-1] + 1][None]):
-            nodes = model.encode_context(torch.tensor([chunk], device=device), query).trees[0][0]
-            finest = [n for n in nodes if n.level == model.cfg.tree_depth]
+            memory = model.encode_context(torch.tensor([chunk], device=device), query)
+            nodes = memory.trees[0][0]
+            finest = [n for n in nodes if n.level == cfg.tree_depth]
             wins[policy] += finest[0].start <= at and at + len(digits) <= finest[-1].end
+        if trial >= args.mass_trials:
+            continue
+        on = torch.tensor([at <= o < at + len(digits) for n in nodes for o in tree.kept_positions(n, strides)])
+        mass[-1].append(on.float().mean().item())
+        model(running, memory=memory, last_only=True)  # MaxSim's memory: the hooks keep each layer's input
+        for j, layer in enumerate(model.layers[:cfg.n_inject]):  # the attention CrossAttention computed
+            ca, k = layer.cross_attention, memory.k[j].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 1)
+            qj = apply_rope(ca.wq(ca.norm(seen[j])).view(1, 1, cfg.n_heads, -1).transpose(1, 2), memory.cos, memory.sin)
+            p = (qj @ k.transpose(-1, -2) * cfg.head_dim ** -0.5).float().softmax(-1)[0, :, 0]  # (H, S)
+            mass[j].append(p[:, on.to(device)].sum(-1).mean().item())
     print(f"\nkey digits kept at the finest level, {args.trials} trials, {L}-token chunks, depth "
-          f"{model.cfg.tree_depth}:\n\n| policy | hit rate |\n|---|---|")
+          f"{cfg.tree_depth}:\n\n| policy | hit rate |\n|---|---|")
     for policy, hits in wins.items():
         print(f"| {policy} | {hits / args.trials:.0%} |")
+    if mass[-1]:
+        print(f"\ncross-attention mass on the key's entries when its first digit is due (MaxSim's memory, "
+              f"{len(mass[-1])} trials; uniform attention: the key's share of the entries):\n\n| " +
+              " | ".join(f"layer {j}" for j in range(cfg.n_inject)) + " | uniform |\n|" + "---|" * (cfg.n_inject + 1))
+        print("| " + " | ".join(f"{statistics.mean(m):.3f}" for m in mass) + " |")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,16 @@ def test_passkey_prints_one_row_per_mode_and_length(tiny):
     assert re.findall(r"^\| (\w+) \| 6144 \| \d+% \| \d+% \| \d+% \|$", r.stdout, re.M) == ["sharedllm", "window"]
 
 
+def test_descent_reports_hit_rates_and_attention_mass(tiny):
+    r = run("descent", "--model", str(tiny), "--adapter", "none", "--trials", "3", "--mass_trials", "2")
+    assert r.returncode == 0, r.stderr
+    rows = re.findall(r"^\| (right|cosine|maxsim) \| (\d+)% \|$", r.stdout, re.M)
+    assert [row[0] for row in rows] == ["right", "cosine", "maxsim"], r.stdout
+    assert "(MaxSim's memory, 2 trials;" in r.stdout
+    mass = re.findall(r"^\| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", r.stdout, re.M)
+    assert len(mass) == 1 and all(0 <= float(x) <= 1 for x in mass[0]), r.stdout  # 4 layers and the key's share
+
+
 @pytest.mark.parametrize("args, message", [
     (["ppl", "--files", "/no/such/file.txt"], "cannot read /no/such/file.txt"),
     (["ppl", "--files", "README.md", "--lengths", "10000000"], "the text has only"),
