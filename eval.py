@@ -24,7 +24,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import tree
 from generate import NEEDLE, format_input, generate, layout, load_model, prepare
 from load_llama import LoadError
-from sharedllm import apply_rope
 
 parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
@@ -314,14 +313,15 @@ def run_descent(args):
             wins[policy] += finest[0].start <= at and at + len(digits) <= finest[-1].end
         if trial >= args.mass_trials:
             continue
-        on = torch.tensor([at <= o < at + len(digits) for n in nodes for o in tree.kept_positions(n, strides)])
+        on = torch.tensor([at <= o < at + len(digits) for n in nodes for o in tree.kept_positions(n, strides)],
+                          device=device)  # nodes and memory: MaxSim's, the loop's last policy
         mass[-1].append(on.float().mean().item())
-        model(running, memory=memory, last_only=True)  # MaxSim's memory: the hooks keep each layer's input
+        model(running, memory=memory, last_only=True)  # the hooks keep each cross-attention's input
         for j, layer in enumerate(model.layers[:cfg.n_inject]):  # the attention CrossAttention computed
             ca, k = layer.cross_attention, memory.k[j].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 1)
-            qj = apply_rope(ca.wq(ca.norm(seen[j])).view(1, 1, cfg.n_heads, -1).transpose(1, 2), memory.cos, memory.sin)
-            p = (qj @ k.transpose(-1, -2) * cfg.head_dim ** -0.5).float().softmax(-1)[0, :, 0]  # (H, S)
-            mass[j].append(p[:, on.to(device)].sum(-1).mean().item())
+            scores = ca.queries(seen[j], memory) @ k.transpose(-1, -2) * cfg.head_dim ** -0.5
+            p = scores.float().softmax(-1)[0, :, 0]  # (H, S)
+            mass[j].append(p[:, on].sum(-1).mean().item())
     print(f"\nkey digits kept at the finest level, {args.trials} trials, {L}-token chunks, depth "
           f"{cfg.tree_depth}:\n\n| policy | hit rate |\n|---|---|")
     for policy, hits in wins.items():

@@ -212,10 +212,15 @@ class CrossAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.gate = nn.Parameter(torch.zeros(1))
 
+    def queries(self, x, memory: Memory):
+        """(B, T, C) -> (B, H, T, D), every query rotated at position n (also what `eval.py descent` inspects)."""
+        B, T, _ = x.shape
+        return apply_rope(self.wq(self.norm(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2),
+                          memory.cos, memory.sin)
+
     def forward(self, x, k, v, memory: Memory):
         B, T, _ = x.shape
-        q = self.wq(self.norm(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        q = apply_rope(q, memory.cos, memory.sin)  # all queries at position n
+        q = self.queries(x, memory)
         mask = memory.mask[:, None, None, :] if memory.mask is not None else None  # (B, 1, 1, S)
         y = attend(q, k, v, mask)  # non-causal: every query reads all memory entries
         return torch.tanh(self.gate) * self.wo(y.transpose(1, 2).reshape(B, T, -1))
