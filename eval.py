@@ -12,18 +12,17 @@ import random
 import re
 import statistics
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
-from pydoc_data import topics
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 import tree
-from generate import NEEDLE, format_input, generate, layout, load_model, prepare
+from generate import NEEDLE, format_input, generate, layout, load_model, pass_key_prefix, prepare
 from load_llama import LoadError
+from train import builtin_docs, held_out_code
 
 parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
@@ -63,16 +62,12 @@ passkey.add_argument("--running", type=int, default=4096, help="D: running-text 
 passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (needs matplotlib)")
 
 
-def reset_peak(device):
-    """Start measuring peak memory: the kernel's high-water mark of the RSS on CPU (Linux), the allocator's on CUDA."""
+def peak_mb(device, reset=False) -> float:
+    """Peak memory since the reset: the high-water mark of the RSS on CPU (Linux), the allocator's on CUDA."""
     if device.type == "cuda":
-        return torch.cuda.reset_peak_memory_stats()
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.reset_peak_memory_stats() if reset else torch.cuda.max_memory_allocated() / 2**20
+    if reset:
+        return Path("/proc/self/clear_refs").write_text("5")
     return int(re.search(r"VmHWM:\s*(\d+)", Path("/proc/self/status").read_text())[1]) / 1024
 
 
@@ -84,14 +79,15 @@ def matmul_rate(device, dtype, n=4096) -> float:
 
 
 def text_tokens(tokenizer, n: int) -> list[int]:
-    """n tokens of real text: Python's docs, then its standard library's sources, repeated if needed."""
-    parts = ["\n\n".join(topics.topics[k] for k in sorted(topics.topics))]
-    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        if sum(map(len, parts)) > 6 * n:
-            break
-        parts.append(file.read_text(errors="replace"))
-    ids = tokenizer.encode("\n\n".join(parts)).ids
+    """n tokens of real text: Python's docs, then its standard library's sources (train.py's corpus), repeated."""
+    ids = tokenizer.encode("\n\n".join(builtin_docs())[:8 * n]).ids  # text is ~4 characters a token
     return (ids * (n // len(ids) + 1))[:n]
+
+
+def table(title, header, rows):
+    print(f"\n{title}\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
 
 
 def run_speed(args):
@@ -124,7 +120,7 @@ def run_speed(args):
             split = 0 if mode == "full" else n * L
             running = torch.tensor([tokens[split:]], device=device)
             print(f"{mode} at {T} tokens ...", file=sys.stderr)
-            reset_peak(device)
+            peak_mb(device, reset=True)
             sync()
             t0 = time.perf_counter()
             memory = None
@@ -145,33 +141,20 @@ def run_speed(args):
             print(f"  total {total:.1f} s", file=sys.stderr)
 
     # 4. The table, with each length's speed-up of sharedllm over full attention.
-    totals = {(r[0], r[1]): r[7] for r in rows}
-    print(f"\n{args.dtype}, {torch.get_num_threads()} threads on {device.type}; matmul peak "
-          f"{peak_rate / 1e12:.2f} TFLOP/s (start) / {matmul_rate(device, dtype) / 1e12:.2f} (end); "
-          f"{args.new_tokens} new tokens\n")
-    print("| tokens | mode | chunks | running | tree s | prefill s | decode tok/s | total s | peak MB | tree % of peak "
-          "| full / sharedllm |\n" + "|---" * 11 + "|")
-    for T, mode, n, run_len, tree_s, prefill_s, dec, total, peak, frac in rows:
-        ratio = f"{totals[(T, 'full')] / total:.1f}x" if mode == "sharedllm" and (T, "full") in totals else ""
-        print(f"| {T} | {mode} | {n} | {run_len} | {tree_s:.1f} | {prefill_s:.1f} | {dec:.1f} | {total:.1f} | "
-              f"{peak:.0f} | {f'{frac:.0%}' if frac else ''} | {ratio} |")
+    full = {r[0]: r[7] for r in rows if r[1] == "full"}
+    header = ["tokens", "mode", "chunks", "running", "tree s", "prefill s", "decode tok/s", "total s", "peak MB",
+              "tree % of peak", "full / sharedllm"]
+    table(f"{args.dtype}, {torch.get_num_threads()} threads on {device.type}; matmul peak {peak_rate / 1e12:.2f} "
+          f"TFLOP/s (start) / {matmul_rate(device, dtype) / 1e12:.2f} (end); {args.new_tokens} new tokens", header, [
+              (T, mode, n, run, f"{tree_s:.1f}", f"{pre:.1f}", f"{dec:.1f}", f"{total:.1f}", f"{peak:.0f}",
+               f"{frac:.0%}" if frac else "", f"{full[T] / total:.1f}x" if mode == "sharedllm" and T in full else "")
+              for T, mode, n, run, tree_s, pre, dec, total, peak, frac in rows])
 
 
 def model_for(args):
-    try:
-        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device),
-                                               getattr(torch, args.dtype))
-    except LoadError as e:
-        sys.exit(f"error: {e}")
+    model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device), getattr(torch, args.dtype))
     print(f"adapter: {adapter}", file=sys.stderr)
     return model, tokenizer
-
-
-def held_out_code():
-    """The standard library's packages (asyncio, email, ...): training reads only its top-level modules."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return "\n\n".join(f.read_text(errors="replace") for f in sorted(root.glob("*/*.py"))
-                        if "test" not in f.parts[-2] and "site-packages" not in str(f))
 
 
 @torch.no_grad()
@@ -216,22 +199,19 @@ def run_ppl(args):
             print(f"{T} ending at {end}: " + ", ".join(f"{m} {math.exp(losses[(T, m)][-1]):.3f}" for m in modes
                                                        if (T, m) in losses), file=sys.stderr)
     rivals = [m for m in ("window", "other") if m in modes and "sharedllm" in modes]
-    print(f"\nperplexity of the same last 256 tokens of {args.windows} windows (exp of the mean loss); then the "
-          f"windows where sharedllm's loss was lower\n")
-    print("| tokens | " + " | ".join(modes + [f"sharedllm < {m}" for m in rivals]) + " |\n|---|" +
-          "---|" * (len(modes) + len(rivals)))
+    rows = []
     for T in lengths:
         cells = [f"{math.exp(statistics.mean(losses[(T, m)])):.3f}" if (T, m) in losses else "" for m in modes]
-        for m in rivals:
-            wins = sum(a < b for a, b in zip(losses[(T, "sharedllm")], losses.get((T, m), [])))
-            cells.append(f"{wins}/{len(losses.get((T, m), []))}")
-        print(f"| {T} | " + " | ".join(cells) + " |")
+        wins = [sum(a < b for a, b in zip(losses[(T, "sharedllm")], losses.get((T, m), []))) for m in rivals]
+        rows.append([T] + cells + [f"{w}/{len(losses.get((T, m), []))}" for w, m in zip(wins, rivals)])
+    table(f"perplexity of the same last 256 tokens of {args.windows} windows (exp of the mean loss); then the "
+          f"windows where sharedllm's loss was lower", ["tokens"] + modes + [f"sharedllm < {m}" for m in rivals], rows)
 
 
 @torch.no_grad()
 def run_passkey(args):
     """A pass key at each depth of real filler (Python's docs); 'What is the pass key?'; correct when the first
-    number generated after "The pass key is" equals the key."""
+    number generated after "The pass key is " equals the key."""
     if args.plot:  # before the sweep, not after it
         try:
             import matplotlib.pyplot as plt
@@ -241,8 +221,8 @@ def run_passkey(args):
     rng = random.Random(args.seed)
     lengths, depths, modes = ([int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")],
                               args.modes.split(","))
-    filler = text_tokens(tokenizer, max(lengths))
-    correct = {}
+    filler, prefix = text_tokens(tokenizer, max(lengths)), pass_key_prefix(tokenizer)
+    correct, outside = {}, {}  # outside: the trials whose key lay before the running text (sharedllm: in the tree)
     for T in lengths:
         for depth in depths:
             for _ in range(args.trials):
@@ -251,30 +231,31 @@ def run_passkey(args):
                 text = tokenizer.decode(filler[start:start + T - 40])
                 cut = int(depth * len(text))
                 text = text[:cut] + f" {NEEDLE.format(key=key)} " + text[cut:]
+                digits = tokenizer.encode(f" {key}").ids
                 for mode in modes:
-                    _, _, tokens, memory, _ = prepare(model, tokenizer, text, "What is the pass key?",
-                                                      "The pass key is", mode, args.policy, 8, args.running)
+                    ids, n, tokens, memory, _ = prepare(model, tokenizer, text, "What is the pass key?", prefix, mode,
+                                                        args.policy, 8, args.running)
                     out = list(generate(model, tokens, memory, 8, set(), lambda x: int(x.argmax())))
                     found = re.findall(r"\d+", tokenizer.decode(out))
                     correct.setdefault((mode, T, depth), []).append(bool(found) and found[0] == str(key))
+                    at = max((i for i in range(len(ids)) if ids[i:i + len(digits)] == digits), default=len(ids))
+                    if at < n * model.cfg.chunk_len:  # its last mention too
+                        outside.setdefault((mode, T), []).append(correct[(mode, T, depth)][-1])
             print(f"{T} depth {depth}: " + ", ".join(f"{m} {sum(correct[(m, T, depth)])}/{args.trials}"
                                                      for m in modes), file=sys.stderr)
-    print(f"\npass-key accuracy, {args.trials} keys per cell\n")
-    print("| mode | tokens | " + " | ".join(f"depth {d:.0%}" for d in depths) + " | all |\n|---|---|" + "---|" *
-          (len(depths) + 1))
-    for mode in modes:
-        for T in lengths:
-            cells = [statistics.mean(correct[(mode, T, d)]) for d in depths]
-            print(f"| {mode} | {T} | " + " | ".join(f"{c:.0%}" for c in cells) + f" | {statistics.mean(cells):.0%} |")
+    rate = {(m, T): [statistics.mean(correct[(m, T, d)]) for d in depths] for m in modes for T in lengths}
+    table(f"pass-key accuracy, {args.trials} keys per cell; then the keys found of those that lay before the running "
+          f"text", ["mode", "tokens"] + [f"depth {d:.0%}" for d in depths] + ["all", "key before the running text"],
+          [[m, T] + [f"{c:.0%}" for c in rate[(m, T)] + [statistics.mean(rate[(m, T)])]] +
+           [f"{sum(outside.get((m, T), []))}/{len(outside.get((m, T), []))}"] for m, T in rate])
     if args.plot:
         fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3), squeeze=False)
         for ax, mode in zip(axes[0], modes):
-            ax.imshow([[statistics.mean(correct[(mode, T, d)]) for T in lengths] for d in depths], vmin=0, vmax=1,
+            ax.imshow([[rate[(mode, T)][i] for T in lengths] for i in range(len(depths))], vmin=0, vmax=1,
                       cmap="RdYlGn", aspect="auto")
             ax.set(title=mode, xlabel="tokens", ylabel="depth", xticks=range(len(lengths)), yticks=range(len(depths)),
                    xticklabels=[f"{T // 1024}K" for T in lengths], yticklabels=[f"{d:.0%}" for d in depths])
-        fig.tight_layout()
-        fig.savefig(args.plot)
+        fig.savefig(args.plot, bbox_inches="tight")
         print(f"wrote {args.plot}", file=sys.stderr)
 
 
@@ -301,7 +282,7 @@ def run_descent(args):
         chunk = filler[start:start + offset] + needle + filler[start + offset:start + L - len(needle)]
         at = offset + next(i for i in range(len(needle)) if needle[i:i + len(digits)] == digits)
         text, span = format_input(tokenizer, tokenizer.decode(filler[start + L:start + L + 4000]),
-                                  "What is the pass key?", "The pass key is")
+                                  "What is the pass key?", pass_key_prefix(tokenizer))
         enc = tokenizer.encode(text)
         q = [i for i, (a, b) in enumerate(enc.offsets) if a < span[1] and b > span[0]]
         running = torch.tensor([enc.ids], device=device)
@@ -322,15 +303,12 @@ def run_descent(args):
             scores = ca.queries(seen[j], memory) @ k.transpose(-1, -2) * cfg.head_dim ** -0.5
             p = scores.float().softmax(-1)[0, :, 0]  # (H, S)
             mass[j].append(p[:, on].sum(-1).mean().item())
-    print(f"\nkey digits kept at the finest level, {args.trials} trials, {L}-token chunks, depth "
-          f"{cfg.tree_depth}:\n\n| policy | hit rate |\n|---|---|")
-    for policy, hits in wins.items():
-        print(f"| {policy} | {hits / args.trials:.0%} |")
+    table(f"key digits kept at the finest level, {args.trials} trials, {L}-token chunks, depth {cfg.tree_depth}:",
+          ["policy", "hit rate"], [(policy, f"{hits / args.trials:.0%}") for policy, hits in wins.items()])
     if mass[-1]:
-        print(f"\ncross-attention mass on the key's entries when its first digit is due (MaxSim's memory, "
-              f"{len(mass[-1])} trials; uniform attention: the key's share of the entries):\n\n| " +
-              " | ".join(f"layer {j}" for j in range(cfg.n_inject)) + " | uniform |\n|" + "---|" * (cfg.n_inject + 1))
-        print("| " + " | ".join(f"{statistics.mean(m):.3f}" for m in mass) + " |")
+        table(f"cross-attention mass on the key's entries when its first digit is due (MaxSim's memory, "
+              f"{len(mass[-1])} trials; uniform attention: the key's share of the entries):",
+              [f"layer {j}" for j in range(cfg.n_inject)] + ["uniform"], [[f"{statistics.mean(m):.3f}" for m in mass]])
 
 
 if __name__ == "__main__":
@@ -338,4 +316,7 @@ if __name__ == "__main__":
     allowed = {"sharedllm", "window", "full"} | ({"other"} if args.command == "ppl" else set())
     if set(getattr(args, "modes", "sharedllm").split(",")) - allowed:
         parser.error(f"--modes takes a comma-separated list of {', '.join(sorted(allowed))}")
-    {"speed": run_speed, "descent": run_descent, "ppl": run_ppl, "passkey": run_passkey}[args.command](args)
+    try:
+        {"speed": run_speed, "descent": run_descent, "ppl": run_ppl, "passkey": run_passkey}[args.command](args)
+    except LoadError as e:
+        sys.exit(f"error: {e}")

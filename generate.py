@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from load_llama import LoadError, load_adapter, load_llama
+from load_llama import LoadError, load_adapter, load_llama, read_adapter
 from sharedllm import KVCache
 
 parser = argparse.ArgumentParser(description="Generate from a long file with SharedLLM.")
@@ -46,16 +46,26 @@ STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 
 
+def pass_key_prefix(tokenizer) -> str:
+    """How the answer starts: "The pass key is ", with the space where the tokenizer writes a number's space as a
+    token of its own (SmolLM2: " 604" -> " ", "6", "0", "4"), so that the key's first digit is what comes next."""
+    spaced, answer = (tokenizer.encode(f"The pass key is {d}", add_special_tokens=False).ids for d in ("", "6"))
+    return "The pass key is " if answer[:len(spaced)] == spaced else "The pass key is"
+
+
 def usage_error(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def load_model(path, adapter="auto", device="cpu", dtype=torch.bfloat16):
-    """load_llama, then the adapter: 'auto' = the shipped one for the default model, 'none' = gates at 0."""
-    model, tokenizer = load_llama(path, device=device, dtype=dtype)
+    """load_llama, then the adapter: 'auto' = the shipped one for the default model, 'none' = gates at 0. The model
+    gets cross-attention in as many layers as the adapter was trained with (train.py --n_inject)."""
     if adapter == "auto":
         adapter = str(SHIPPED_ADAPTER) if path == "smollm2-135m" and SHIPPED_ADAPTER.exists() else "none"
+    trained = read_adapter(adapter)[0] if adapter != "none" else {}
+    layers = {"n_inject": trained["n_inject"]} if "n_inject" in trained else {}
+    model, tokenizer = load_llama(path, device=device, dtype=dtype, **layers)
     if adapter != "none":
         load_adapter(model, adapter)
     return model, tokenizer, adapter
@@ -208,7 +218,7 @@ def main():
     cfg = model.cfg
     if demo:
         document, key, depth = demo_document(tokenizer, args.seed)
-        prompt, answer_prefix = "What is the pass key?", args.answer_prefix or "The pass key is"
+        prompt, answer_prefix = "What is the pass key?", args.answer_prefix or pass_key_prefix(tokenizer)
         print(f"demo: a pass key hidden at {depth:.0%} depth of ~100K tokens of Python's docs", file=sys.stderr)
 
     # 3. Layout and memory, built once.

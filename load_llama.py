@@ -115,6 +115,8 @@ def load_llama(path: str = "smollm2-135m", device="cpu", dtype=torch.float32, **
         cfg = dataclasses.replace(config_from_hf(json.loads((folder / "config.json").read_text())), **sharedllm)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise LoadError(f"{folder / 'config.json'} is not a valid Llama config ({type(e).__name__}: {e})")
+    except AssertionError as e:  # Config's own checks of the SharedLLM fields
+        raise LoadError(f"cannot build SharedLLM on {folder}: {e}")
 
     # 1. Build the model on the meta device: no memory is allocated until the real tensors are assigned.
     with torch.device("meta"):
@@ -164,19 +166,23 @@ def load_llama(path: str = "smollm2-135m", device="cpu", dtype=torch.float32, **
 ADAPTER_CONFIG = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_inject")
 
 
-def load_adapter(model: Transformer, path):
-    """Put trained cross-attention weights (a safetensors file of `layers.{j}.cross_attention.*` tensors, its
-    metadata the config it was trained with) into the model; every tensor must be there, with its shape."""
-    path = Path(path)
+def read_adapter(path) -> tuple[dict, dict]:
+    """An adapter file -> (the config it was trained with, from its metadata; its tensors)."""
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            meta, names = f.metadata() or {}, list(f.keys())
-            tensors = {name: f.get_tensor(name) for name in names}
+            meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
     except (FileNotFoundError, IsADirectoryError):
         raise LoadError(f"adapter {path} does not exist; give the .safetensors file train.py wrote, or 'none'")
     except SafetensorError as e:
         raise LoadError(f"cannot read adapter {path}: it is truncated or corrupted ({e})")
-    trained = json.loads(meta.get("config", "{}"))
+    return json.loads(meta.get("config", "{}")), tensors
+
+
+def load_adapter(model: Transformer, path):
+    """Put trained cross-attention weights (a safetensors file of `layers.{j}.cross_attention.*` tensors, its
+    metadata the config it was trained with) into the model; every tensor must be there, with its shape."""
+    trained, tensors = read_adapter(path)
+    names = list(tensors)
     ours = dataclasses.asdict(model.cfg)
     wrong = [f"{k}={trained[k]} (model: {ours[k]})" for k in ADAPTER_CONFIG if k in trained and trained[k] != ours[k]]
     if wrong:

@@ -13,11 +13,13 @@ import math
 import os
 import random
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from pydoc_data import topics
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -105,11 +107,16 @@ def read_data(paths, on_bad_line):
 
 def builtin_docs():
     """Python's own documentation and standard-library sources: ~1.3M tokens on every machine."""
-    import sysconfig
-    from pydoc_data import topics
     docs = [topics.topics[k] for k in sorted(topics.topics)]
     docs += [f.read_text(errors="replace") for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))]
     return docs
+
+
+def held_out_code():
+    """What training never reads (eval.py ppl's default): the standard library's packages (asyncio, email, ...)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join(f.read_text(errors="replace") for f in sorted(root.glob("*/*.py"))
+                        if "test" not in f.parts[-2] and "site-packages" not in str(f))
 
 
 # Generated retrieval tasks: the wording of the needle and the question, the key format, the filler and the

@@ -38,10 +38,27 @@ def test_ppl_with_the_gates_at_zero_equals_the_window(tiny, tmp_path):
 
 
 def test_passkey_prints_one_row_per_mode_and_length(tiny):
-    r = run("passkey", "--model", str(tiny), "--adapter", "none", "--lengths", "6144", "--depths", "0,1",
+    r = run("passkey", "--model", str(tiny), "--adapter", "none", "--lengths", "10240", "--depths", "0,1",
             "--trials", "1", "--modes", "sharedllm,window", "--running", "2048")
     assert r.returncode == 0, r.stderr
-    assert re.findall(r"^\| (\w+) \| 6144 \| \d+% \| \d+% \| \d+% \|$", r.stdout, re.M) == ["sharedllm", "window"]
+    rows = re.findall(r"^\| (\w+) \| 10240 \| \d+% \| \d+% \| \d+% \| (\d+)/(\d+) \|$", r.stdout, re.M)
+    assert [row[0] for row in rows] == ["sharedllm", "window"], r.stdout
+    assert all(row[2] == "1" for row in rows), r.stdout  # the depth-0 key lies before the running text, depth 1 not
+
+
+def test_speed_prints_one_row_per_length_and_mode(tiny):
+    r = run("speed", "--model", str(tiny), "--adapter", "none", "--lengths", "4096,10240", "--new_tokens", "2",
+            "--running", "2048", "--full_max", "4096")
+    assert r.returncode == 0, r.stderr
+    rows = re.findall(r"^\| (\d+) \| (\w+) \| (\d+) \| (\d+) \|" + r" [\d.]+ \|" * 5 + r" (\d*%?) \| ([\d.]*x?) \|$",
+                      r.stdout, re.M)
+    assert [(T, mode) for T, mode, *_ in rows] == [("4096", "sharedllm"), ("4096", "window"), ("4096", "full"),
+                                                  ("10240", "sharedllm"), ("10240", "window")], r.stdout
+    by = {(T, mode): (int(n), int(running), frac, ratio) for T, mode, n, running, frac, ratio in rows}
+    assert by[("4096", "sharedllm")][:3] == (0, 4096, "") and by[("4096", "sharedllm")][3].endswith("x")  # fits
+    n, running, frac, ratio = by[("10240", "sharedllm")]
+    assert (n, running, ratio) == (8, 2048, "") and frac.endswith("%")  # 8 chunks in the tree; no full row at 10K
+    assert by[("10240", "window")] == (0, 2048, "", "")  # the same running text, no tree
 
 
 def test_descent_reports_hit_rates_and_attention_mass(tiny):
@@ -62,3 +79,9 @@ def test_descent_reports_hit_rates_and_attention_mass(tiny):
 def test_bad_input(tiny, args, message):
     r = run(*args, "--model", str(tiny), "--adapter", "none")
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_model_that_does_not_load_is_one_clear_line():
+    r = run("ppl", "--model", "/no/such/model")
+    assert r.returncode == 1 and r.stderr.startswith("error: '/no/such/model' is neither a folder") \
+        and "Traceback" not in r.stderr, r.stderr

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
-from generate import format_input, layout, sample
+from generate import format_input, layout, pass_key_prefix, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +43,16 @@ def test_format_input_marks_the_question(smollm2):
     assert text[span[0]:span[1]] == "Who wrote it?"
     assert text.startswith("<|im_start|>user\nSome long document.") and text.endswith("assistant\nThe author is")
     assert format_input(tok, "Once upon a time", None) == ("Once upon a time", None)
+
+
+def test_the_pass_key_prompt_ends_where_the_trained_answer_has_its_digits(smollm2):
+    """The demo and eval.py end the prompt with pass_key_prefix; train.py's answers are "The pass key is 60494.".
+    The prompt's tokens must be a prefix of the answer's, and the next token the key's first digit."""
+    tok = smollm2[1]
+    prefix = pass_key_prefix(tok)
+    prompt, answer = tok.encode(prefix, add_special_tokens=False).ids, tok.encode("The pass key is 60494.").ids
+    assert prefix == "The pass key is "  # SmolLM2 writes the space before a number as a token of its own
+    assert answer[:len(prompt)] == prompt and tok.decode(answer[len(prompt):len(prompt) + 1]) == "6"
 
 
 def test_sampling():
@@ -115,6 +125,13 @@ def test_cli_adapter_is_loaded_and_changes_the_answer(smollm2, tmp_path):
     save_file(cross, tmp_path / "other.safetensors", metadata=other)
     out = run(*common, "--adapter", str(tmp_path / "other.safetensors"))
     assert out.returncode == 2 and "trained for another model: dim=4096 (model: 576)" in out.stderr
+    two = {k: v for k, v in cross.items() if k.startswith(("layers.0.", "layers.1."))}  # train.py --n_inject 2
+    save_file(two, tmp_path / "two.safetensors", metadata={"config": json.dumps({"dim": 576, "n_inject": 2})})
+    out = run(*common, "--adapter", str(tmp_path / "two.safetensors"))
+    assert out.returncode == 0 and out.stdout not in (opened.stdout, closed.stdout), out.stderr  # 2 layers read
+    save_file(cross, tmp_path / "deep.safetensors", metadata={"config": json.dumps({"n_inject": 40})})
+    out = run(*common, "--adapter", str(tmp_path / "deep.safetensors"))
+    assert out.returncode == 2 and "n_inject=40 must be in 1..n_layers=30" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "zero_tokens", "too_many_tokens", "not_utf8", "prompt_only"])
