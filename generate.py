@@ -63,7 +63,7 @@ def load_model(path, adapter="auto", device="cpu", dtype=torch.bfloat16):
     gets cross-attention in as many layers as the adapter was trained with (train.py --n_inject)."""
     if adapter == "auto":
         adapter = str(SHIPPED_ADAPTER) if path == "smollm2-135m" and SHIPPED_ADAPTER.exists() else "none"
-    trained = read_adapter(adapter)[0] if adapter != "none" else {}
+    trained = read_adapter(adapter, tensors=False)[0] if adapter != "none" else {}  # load_adapter reads the tensors
     layers = {"n_inject": trained["n_inject"]} if "n_inject" in trained else {}
     model, tokenizer = load_llama(path, device=device, dtype=dtype, **layers)
     if adapter != "none":

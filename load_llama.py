@@ -166,11 +166,11 @@ def load_llama(path: str = "smollm2-135m", device="cpu", dtype=torch.float32, **
 ADAPTER_CONFIG = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_inject")
 
 
-def read_adapter(path) -> tuple[dict, dict]:
-    """An adapter file -> (the config it was trained with, from its metadata; its tensors)."""
+def read_adapter(path, tensors=True) -> tuple[dict, dict]:
+    """An adapter file -> (the config it was trained with, from its metadata; its tensors, unless tensors=False)."""
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+            meta, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()} if tensors else {}
     except (FileNotFoundError, IsADirectoryError):
         raise LoadError(f"adapter {path} does not exist; give the .safetensors file train.py wrote, or 'none'")
     except SafetensorError as e:
