@@ -57,7 +57,7 @@ ppl.add_argument("--full_max", type=int, default=8192, help="longest input for -
 passkey = command("passkey", "pass-key retrieval accuracy, length x depth", "8192,32768,131072", "sharedllm,window")
 passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fractions of the input)")
 passkey.add_argument("--trials", type=int, default=4, help="keys per length and depth")
-passkey.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"], help="query-aware descent")
+passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent (default: the adapter's)")
 passkey.add_argument("--running", type=int, default=4096, help="D: running-text tokens (the rest is the tree's)")
 passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (needs matplotlib)")
 

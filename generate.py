@@ -28,8 +28,8 @@ parser.add_argument("--adapter", default="auto", help="trained cross-attention w
 parser.add_argument("--mode", default="sharedllm", choices=["sharedllm", "window", "full"],
                     help="sharedllm: context tree + running text; window: the running text alone (truncation); "
                          "full: plain attention over the whole input")
-parser.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"],
-                    help="query-aware descent: the paper's last-token cosine, or token-level MaxSim")
+parser.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent: the paper's last-token "
+                    "cosine, or token-level MaxSim (default: the adapter's, else cosine)")
 parser.add_argument("--max_new_tokens", type=int, default=None, help="tokens to generate at most (128; demo: 12)")
 parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
 parser.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
@@ -117,7 +117,7 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator) -> i
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
-def prepare(model, tokenizer, document, prompt, answer_prefix="", mode="sharedllm", policy="cosine",
+def prepare(model, tokenizer, document, prompt, answer_prefix="", mode="sharedllm", policy=None,
             max_new_tokens=128, running=4096, progress=False):
     """Tokenise, lay out (DESIGN Sec. 6: X_C = the first n*L tokens, X_D = the rest) and build the memory once:
     query-aware with the question's last token (or its tokens, MaxSim), right-policy when continuing a text.
@@ -141,7 +141,8 @@ def prepare(model, tokenizer, document, prompt, answer_prefix="", mode="sharedll
         query = None
         if q_first is not None:
             states = model.query_states(tokens)[0]
-            query = states[q_last - split][None] if policy == "cosine" else states[q_first - split:q_last - split + 1][None]
+            cosine = (policy or cfg.policy) == "cosine"  # default: the policy the adapter was trained with
+            query = states[q_last - split][None] if cosine else states[q_first - split:q_last - split + 1][None]
         memory = model.encode_context(context[None], query, progress=progress)
     return ids, n, tokens, memory, time.time() - t0
 

@@ -43,6 +43,7 @@ class Config:
     chunk_len: int = 1024  # L: context tokens per tree
     tree_depth: int = 3  # h
     finest_stride: int = 4  # stride of the deepest level; each level above doubles it (16, 8, 4)
+    policy: str = "cosine"  # query-aware descent for questions: the paper's last-token cosine, or MaxSim
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads

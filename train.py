@@ -201,12 +201,12 @@ def main(argv=None):
     # 1. Model: fp32 master weights; only the chosen part trains. The lower pass runs under no_grad.
     try:
         model, tokenizer = load_llama(args.model, device=device, n_inject=args.n_inject, chunk_len=L,
-                                      finest_stride=args.finest_stride)
+                                      finest_stride=args.finest_stride, policy=args.policy)
         if args.init:
             if not Path(args.init).is_file():
                 sys.exit(f"error: --init {args.init} does not exist; give an adapter.safetensors that train.py wrote")
             load_adapter(model, args.init)
-            model.cfg.finest_stride = args.finest_stride  # this run's tree, not the one the init was trained with
+            model.cfg.finest_stride, model.cfg.policy = args.finest_stride, args.policy  # this run's tree
     except LoadError as e:
         sys.exit(f"error: {e}")
     cfg, M = model.cfg, args.n_inject
@@ -338,7 +338,7 @@ def main(argv=None):
 
 def checkpoint_config(model, args):
     keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_inject", "chunk_len", "tree_depth",
-            "finest_stride")
+            "finest_stride", "policy")
     return {**{k: getattr(model.cfg, k) for k in keys}, "tune": args.tune}
 
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
-from generate import format_input, layout, pass_key_prefix, sample
+from generate import format_input, layout, pass_key_prefix, prepare, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,6 +132,17 @@ def test_cli_adapter_is_loaded_and_changes_the_answer(smollm2, tmp_path):
     save_file(cross, tmp_path / "deep.safetensors", metadata={"config": json.dumps({"n_inject": 40})})
     out = run(*common, "--adapter", str(tmp_path / "deep.safetensors"))
     assert out.returncode == 2 and "n_inject=40 must be in 1..n_layers=30" in out.stderr, out.stderr
+
+
+def test_prepare_takes_the_adapters_policy_unless_told(smollm2, monkeypatch):
+    model, tokenizer = smollm2[0], smollm2[1]
+    queries = []
+    monkeypatch.setattr(model, "encode_context", lambda context, query, **kw: queries.append(query.shape))
+    monkeypatch.setattr(model.cfg, "policy", "maxsim")
+    for policy in (None, "cosine", "maxsim"):
+        prepare(model, tokenizer, long_text(), "What is the pass key?", policy=policy, running=256)
+    q = len(tokenizer.encode("What is the pass key?", add_special_tokens=False).ids)
+    assert [s[:-1] for s in queries] == [(1, q), (1,), (1, q)]  # MaxSim: the question's states; cosine: its last
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "zero_tokens", "too_many_tokens", "not_utf8", "prompt_only"])

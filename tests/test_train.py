@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train
+from load_llama import load_adapter, load_llama
 from conftest import tiny_with_real_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_parameters(tiny, t
 @pytest.mark.parametrize("tune", ["xattn", "top"])
 def test_checkpoints_hold_only_trainable_tensors(tiny, tmp_path, tune):
     train.main(base_args(tiny, tmp_path, "--steps", "1", "--grad_accum", "1", "--tune", tune, "--val", "0",
-                         "--n_inject", "2"))
+                         "--n_inject", "2", "--policy", "maxsim"))
     names = set(load_file(tmp_path / "adapter.safetensors"))
     cross = {n for n in names if ".cross_attention." in n}
     assert len(cross) == 2 * 4  # norm, wq, wo, gate in each of the M = 2 injection layers
@@ -82,6 +83,9 @@ def test_checkpoints_hold_only_trainable_tensors(tiny, tmp_path, tune):
         params = {n for n in f.keys() if not n.startswith("optim.")}
         assert params == names and json.loads(f.metadata()["config"])["tune"] == tune
         assert {n.split(".", 2)[2] for n in f.keys() if n.startswith("optim.")} == names
+    model = load_llama(str(tiny), n_inject=2)[0]
+    load_adapter(model, tmp_path / "adapter.safetensors")
+    assert model.cfg.policy == "maxsim"  # the descent it was trained with is generate.py's default
 
 
 def test_qa_loss_counts_response_tokens_only_and_query_is_the_last_prompt_token(smollm2):
