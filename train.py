@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import sysconfig
 import time
@@ -278,7 +279,8 @@ def main(argv=None):
     # 4. The loop. Each step: grad_accum sequences per process, gradients averaged across processes.
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=rank != 0)
-    t0, tokens, losses = time.time(), 0, []
+    t0, tokens, losses, stop = time.time(), 0, [], []
+    on_term = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # kill, a scheduler: save like Ctrl-C
     try:
         while step < args.steps:
             for group, lr in zip(opt.param_groups, base_lr):
@@ -308,6 +310,8 @@ def main(argv=None):
                 losses = []
             if rank == 0 and (step % args.save_every == 0 or step == args.steps):
                 save_checkpoint(out, model, opt, trainable, args, step, world)
+            if stop:  # at a step boundary, so that --resume continues exactly
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         if rank == 0:
             save_checkpoint(out, model, opt, trainable, args, step, world)
@@ -318,6 +322,8 @@ def main(argv=None):
                  f"step; lower --lr or --gate_lr, or use --dtype float32")
     except OSError as e:
         sys.exit(f"error: {e}")
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
     bar.close()
 
     # 5. Validation on held-out data, with the context and without it (the running text alone).

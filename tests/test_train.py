@@ -3,6 +3,7 @@ data-parallel equivalence, bad inputs."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,22 +46,26 @@ def test_twenty_steps_decrease_the_loss(tiny, text_file, tmp_path, capsys):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
 
 
-def test_interrupted_run_resumes_to_exactly_the_uninterrupted_parameters(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_parameters(tiny, tmp_path, monkeypatch, how):
     args = ["--steps", "6", "--grad_accum", "2", "--retrieval", "0.5", "--save_every", "100"]
     train.main(base_args(tiny, tmp_path / "straight", *args))
     real_step, calls = torch.optim.AdamW.step, []
 
-    def step_then_interrupt(self, *a, **k):  # Ctrl-C during the 4th optimizer step
+    def step_then_interrupt(self, *a, **k):  # Ctrl-C during the 4th optimizer step, or kill: the step finishes
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 4 and how == "ctrl-c":
             raise KeyboardInterrupt
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
     with pytest.raises(SystemExit) as e:
         train.main(base_args(tiny, tmp_path / "resumed", *args))
     assert e.value.code == 130
-    assert json.loads((tmp_path / "resumed" / "ckpt.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "resumed" / "ckpt.json").read_text())["step"] == (3 if how == "ctrl-c" else 4)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # train.main put back the handler it found
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     train.main(base_args(tiny, tmp_path / "resumed", *args, "--resume"))
     a, b = load_file(tmp_path / "straight" / "ckpt.safetensors"), load_file(tmp_path / "resumed" / "ckpt.safetensors")
