@@ -28,6 +28,19 @@ parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
 
 
+def listed(kind, allowed=()):
+    """An argparse type: a comma-separated list of `kind` values, each one of `allowed` when that is given."""
+    def parse(text):
+        try:
+            items = [kind(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, not {text!r}")
+        if allowed and set(items) - set(allowed):
+            raise argparse.ArgumentTypeError(f"takes a comma-separated list of {', '.join(allowed)}")
+        return items
+    return parse
+
+
 def command(name, helptext, lengths=None, modes=None):
     p = sub.add_parser(name, help=helptext)
     p.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
@@ -36,8 +49,9 @@ def command(name, helptext, lengths=None, modes=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
     if lengths:
-        p.add_argument("--lengths", default=lengths, help="input lengths in tokens, comma-separated")
-        p.add_argument("--modes", default=modes, help="comma-separated: sharedllm, window, full (ppl: also other)")
+        p.add_argument("--lengths", default=lengths, type=listed(int), help="input lengths in tokens, comma-separated")
+        p.add_argument("--modes", default=modes, type=listed(str, ["sharedllm", "window", "full"] + ["other"] *
+                       (name == "ppl")), help="comma-separated: sharedllm, window, full (ppl: also other)")
     return p
 
 
@@ -55,7 +69,8 @@ ppl.add_argument("--files", nargs="*", default=[], help="text files (default: th
 ppl.add_argument("--windows", type=int, default=8, help="windows (end positions), shared by all lengths")
 ppl.add_argument("--full_max", type=int, default=8192, help="longest input for --mode full")
 passkey = command("passkey", "pass-key retrieval accuracy, length x depth", "8192,32768,131072", "sharedllm,window")
-passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fractions of the input)")
+passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", type=listed(float),
+                     help="needle depths (fractions of the input)")
 passkey.add_argument("--trials", type=int, default=4, help="keys per length and depth")
 passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent (default: the adapter's)")
 passkey.add_argument("--running", type=int, default=4096, help="D: running-text tokens (the rest is the tree's)")
@@ -95,7 +110,7 @@ def run_speed(args):
     device, dtype = model.output.weight.device, model.output.weight.dtype
     cfg, L = model.cfg, model.cfg.chunk_len
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    lengths, modes = [int(x) for x in args.lengths.split(",")], args.modes.split(",")
+    lengths, modes = args.lengths, args.modes
     question = tokenizer.encode("\n\nQuestion: what is this text about? Answer:").ids
     ids = text_tokens(tokenizer, max(lengths))
     peak_rate = matmul_rate(device, dtype)
@@ -135,20 +150,19 @@ def run_speed(args):
                 steps.append(time.perf_counter())
             total = steps[-1] - t0
             decode = (len(steps) - 1) / (steps[-1] - steps[0])
-            tree_rate = (n * chunk_flops + query_flops) / (t1 - t0) if memory is not None else 0
-            rows.append((T, mode, n if mode == "sharedllm" else 0, running.size(1), t1 - t0, steps[0] - t1, decode,
-                         total, peak_mb(device), tree_rate / peak_rate))
+            tree_rate = (n * chunk_flops + query_flops) / (t1 - t0) / peak_rate if memory is not None else 0
+            rows.append([T, mode, n if mode == "sharedllm" else 0, running.size(1), f"{t1 - t0:.1f}",
+                         f"{steps[0] - t1:.1f}", f"{decode:.1f}", f"{total:.1f}", f"{peak_mb(device):.0f}",
+                         f"{tree_rate:.0%}" if tree_rate else "", total])
             print(f"  total {total:.1f} s", file=sys.stderr)
 
     # 4. The table, with each length's speed-up of sharedllm over full attention.
-    full = {r[0]: r[7] for r in rows if r[1] == "full"}
+    full = {r[0]: r[-1] for r in rows if r[1] == "full"}
     header = ["tokens", "mode", "chunks", "running", "tree s", "prefill s", "decode tok/s", "total s", "peak MB",
               "tree % of peak", "full / sharedllm"]
     table(f"{args.dtype}, {torch.get_num_threads()} threads on {device.type}; matmul peak {peak_rate / 1e12:.2f} "
-          f"TFLOP/s (start) / {matmul_rate(device, dtype) / 1e12:.2f} (end); {args.new_tokens} new tokens", header, [
-              (T, mode, n, run, f"{tree_s:.1f}", f"{pre:.1f}", f"{dec:.1f}", f"{total:.1f}", f"{peak:.0f}",
-               f"{frac:.0%}" if frac else "", f"{full[T] / total:.1f}x" if mode == "sharedllm" and T in full else "")
-              for T, mode, n, run, tree_s, pre, dec, total, peak, frac in rows])
+          f"TFLOP/s (start) / {matmul_rate(device, dtype) / 1e12:.2f} (end); {args.new_tokens} new tokens", header,
+          [r[:-1] + [f"{full[r[0]] / r[-1]:.1f}x" if r[1] == "sharedllm" and r[0] in full else ""] for r in rows])
 
 
 def model_for(args):
@@ -169,7 +183,7 @@ def run_ppl(args):
     except OSError as e:
         sys.exit(f"error: cannot read {e.filename} ({e.strerror}); give readable text files")
     ids = [t for enc in tokenizer.encode_batch(texts) for t in enc.ids]
-    lengths, modes = [int(x) for x in args.lengths.split(",") if int(x) <= len(ids)], args.modes.split(",")
+    lengths, modes = [T for T in args.lengths if T <= len(ids)], args.modes
     if not lengths:
         sys.exit(f"error: the text has only {len(ids)} tokens; give more text or shorter --lengths")
     ends = [rng.randrange(max(lengths), len(ids) + 1) for _ in range(args.windows)]
@@ -219,8 +233,7 @@ def run_passkey(args):
             sys.exit("error: --plot needs matplotlib (pip install matplotlib); or run without --plot for the table")
     model, tokenizer = model_for(args)
     rng = random.Random(args.seed)
-    lengths, depths, modes = ([int(x) for x in args.lengths.split(",")], [float(x) for x in args.depths.split(",")],
-                              args.modes.split(","))
+    lengths, depths, modes = args.lengths, args.depths, args.modes
     filler, prefix = text_tokens(tokenizer, max(lengths)), pass_key_prefix(tokenizer)
     correct, outside = {}, {}  # outside: the trials whose key lay before the running text (sharedllm: in the tree)
     for T in lengths:
@@ -313,9 +326,6 @@ def run_descent(args):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    allowed = {"sharedllm", "window", "full"} | ({"other"} if args.command == "ppl" else set())
-    if set(getattr(args, "modes", "sharedllm").split(",")) - allowed:
-        parser.error(f"--modes takes a comma-separated list of {', '.join(sorted(allowed))}")
     try:
         {"speed": run_speed, "descent": run_descent, "ppl": run_ppl, "passkey": run_passkey}[args.command](args)
     except LoadError as e:

@@ -74,7 +74,10 @@ def test_descent_reports_hit_rates_and_attention_mass(tiny):
 @pytest.mark.parametrize("args, message", [
     (["ppl", "--files", "/no/such/file.txt"], "cannot read /no/such/file.txt"),
     (["ppl", "--files", "README.md", "--lengths", "10000000"], "the text has only"),
-    (["ppl", "--modes", "sharedllm,fast"], "--modes takes"),
+    (["ppl", "--modes", "sharedllm,fast"], "--modes: takes a comma-separated list of sharedllm, window, full, other"),
+    (["passkey", "--modes", "sharedllm,other"], "--modes: takes a comma-separated list of sharedllm, window, full\n"),
+    (["ppl", "--lengths", "8k"], "--lengths: expected comma-separated int values, not '8k'"),
+    (["passkey", "--depths", "0,half"], "--depths: expected comma-separated float values, not '0,half'"),
 ])
 def test_bad_input(tiny, args, message):
     r = run(*args, "--model", str(tiny), "--adapter", "none")
