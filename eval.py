@@ -28,17 +28,26 @@ parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
 
 
-def listed(kind, allowed=()):
-    """An argparse type: a comma-separated list of `kind` values, each one of `allowed` when that is given."""
+def checked(kind, ok, why):
+    """An argparse type: a `kind` value for which ok(value) holds; else argparse's error, saying why."""
     def parse(text):
-        try:
-            items = [kind(x) for x in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, not {text!r}")
-        if allowed and set(items) - set(allowed):
-            raise argparse.ArgumentTypeError(f"takes a comma-separated list of {', '.join(allowed)}")
-        return items
+        if not ok(kind(text)):  # a ValueError from kind: argparse says "invalid <__name__> value"
+            raise argparse.ArgumentTypeError(f"{why}, not {text!r}")
+        return kind(text)
+    parse.__name__ = kind.__name__
     return parse
+
+
+def listed(item):
+    """An argparse type: a comma-separated list of `item` values."""
+    def parse(text):
+        return [item(x) for x in text.split(",")]
+    parse.__name__ = f"comma-separated {item.__name__}"
+    return parse
+
+
+at_least = lambda low: checked(int, lambda n: n >= low, f"must be at least {low}")  # noqa: E731
+MODES = ["sharedllm", "window", "full"]
 
 
 def command(name, helptext, lengths=None, modes=None):
@@ -49,29 +58,30 @@ def command(name, helptext, lengths=None, modes=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
     if lengths:
-        p.add_argument("--lengths", default=lengths, type=listed(int), help="input lengths in tokens, comma-separated")
-        p.add_argument("--modes", default=modes, type=listed(str, ["sharedllm", "window", "full"] + ["other"] *
-                       (name == "ppl")), help="comma-separated: sharedllm, window, full (ppl: also other)")
+        p.add_argument("--lengths", default=lengths, type=listed(at_least(1)), help="input lengths in tokens")
+        allowed = MODES + ["other"] * (name == "ppl")
+        p.add_argument("--modes", default=modes, type=listed(checked(str, allowed.__contains__, "a mode is one of " +
+                       ", ".join(allowed))), help="comma-separated: sharedllm, window, full (ppl: also other)")
     return p
 
 
 speed = command("speed", "time and peak memory vs input length, three modes side by side",
                 "4096,8192,16384,32768,65536,131072", "sharedllm,window,full")
-speed.add_argument("--new_tokens", type=int, default=32, help="tokens decoded after the prefill")
+speed.add_argument("--new_tokens", type=at_least(2), default=32, help="tokens decoded after the prefill")
 speed.add_argument("--running", type=int, default=4096, help="D: running-text tokens")
 speed.add_argument("--full_max", type=int, default=32768, help="longest input for --mode full (32K: ~6 min on 2 cores)")
 descent = command("descent", "how often query-aware descent keeps a hidden pass key at the finest level")
-descent.add_argument("--trials", type=int, default=200, help="needles, each at a random offset of its chunk")
-descent.add_argument("--mass_trials", type=int, default=20, help="of them, with the attention measured (a 4K prefill)")
+descent.add_argument("--trials", type=at_least(1), default=200, help="needles, each at a random offset of its chunk")
+descent.add_argument("--mass_trials", type=at_least(0), default=20, help="of them, with the attention measured")
 ppl = command("ppl", "perplexity of the last 256 tokens (DESIGN Sec. 7)", "4096,8192,32768,131072",
               "sharedllm,window,full")
 ppl.add_argument("--files", nargs="*", default=[], help="text files (default: the stdlib's packages, never trained on)")
-ppl.add_argument("--windows", type=int, default=8, help="windows (end positions), shared by all lengths")
+ppl.add_argument("--windows", type=at_least(1), default=8, help="windows (end positions), shared by all lengths")
 ppl.add_argument("--full_max", type=int, default=8192, help="longest input for --mode full")
 passkey = command("passkey", "pass-key retrieval accuracy, length x depth", "8192,32768,131072", "sharedllm,window")
-passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", type=listed(float),
-                     help="needle depths (fractions of the input)")
-passkey.add_argument("--trials", type=int, default=4, help="keys per length and depth")
+passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fractions of the input)",
+                     type=listed(checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction from 0 to 1")))
+passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")
 passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent (default: the adapter's)")
 passkey.add_argument("--running", type=int, default=4096, help="D: running-text tokens (the rest is the tree's)")
 passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (needs matplotlib)")

@@ -74,10 +74,13 @@ def test_descent_reports_hit_rates_and_attention_mass(tiny):
 @pytest.mark.parametrize("args, message", [
     (["ppl", "--files", "/no/such/file.txt"], "cannot read /no/such/file.txt"),
     (["ppl", "--files", "README.md", "--lengths", "10000000"], "the text has only"),
-    (["ppl", "--modes", "sharedllm,fast"], "--modes: takes a comma-separated list of sharedllm, window, full, other"),
-    (["passkey", "--modes", "sharedllm,other"], "--modes: takes a comma-separated list of sharedllm, window, full\n"),
-    (["ppl", "--lengths", "8k"], "--lengths: expected comma-separated int values, not '8k'"),
-    (["passkey", "--depths", "0,half"], "--depths: expected comma-separated float values, not '0,half'"),
+    (["ppl", "--modes", "sharedllm,fast"], "--modes: a mode is one of sharedllm, window, full, other, not 'fast'"),
+    (["passkey", "--modes", "sharedllm,other"], "--modes: a mode is one of sharedllm, window, full, not 'other'"),
+    (["ppl", "--lengths", "8k"], "--lengths: invalid comma-separated int value: '8k'"),
+    (["passkey", "--lengths", "8192,0"], "--lengths: must be at least 1, not '0'"),
+    (["passkey", "--depths", "0,half"], "--depths: invalid comma-separated float value: '0,half'"),
+    (["passkey", "--depths", "0,1.5"], "--depths: a depth is a fraction from 0 to 1, not '1.5'"),
+    (["passkey", "--trials", "0"], "--trials: must be at least 1, not '0'"),
 ])
 def test_bad_input(tiny, args, message):
     r = run(*args, "--model", str(tiny), "--adapter", "none")
