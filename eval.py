@@ -68,7 +68,7 @@ def command(name, helptext, lengths=None, modes=None):
 speed = command("speed", "time and peak memory vs input length, three modes side by side",
                 "4096,8192,16384,32768,65536,131072", "sharedllm,window,full")
 speed.add_argument("--new_tokens", type=at_least(2), default=32, help="tokens decoded after the prefill")
-speed.add_argument("--running", type=int, default=4096, help="D: running-text tokens")
+speed.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens")
 speed.add_argument("--full_max", type=int, default=32768, help="longest input for --mode full (32K: ~6 min on 2 cores)")
 descent = command("descent", "how often query-aware descent keeps a hidden pass key at the finest level")
 descent.add_argument("--trials", type=at_least(1), default=200, help="needles, each at a random offset of its chunk")
@@ -83,7 +83,7 @@ passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depth
                      type=listed(checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction from 0 to 1")))
 passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")
 passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent (default: the adapter's)")
-passkey.add_argument("--running", type=int, default=4096, help="D: running-text tokens (the rest is the tree's)")
+passkey.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens (the rest is the tree's)")
 passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (needs matplotlib)")
 
 

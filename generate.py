@@ -95,7 +95,7 @@ def layout(n_tokens: int, window: int, L: int, D: int, max_new: int, min_running
     n = (T - D) // L, so the running text keeps between D and D + L tokens, with D shrunk to fit the window."""
     if n_tokens + max_new <= window:
         return 0
-    D = min(D, window - L - max_new)
+    D = min(max(D, min_running), window - L - max_new)  # the running text holds at least the question
     if D < min_running:
         raise ValueError(f"--max_new_tokens {max_new} cannot fit the window: {window} tokens hold at most "
                          f"{window - L - min_running} new tokens beside the running text and one {L}-token "

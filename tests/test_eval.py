@@ -81,6 +81,7 @@ def test_descent_reports_hit_rates_and_attention_mass(tiny):
     (["passkey", "--depths", "0,half"], "--depths: invalid comma-separated float value: '0,half'"),
     (["passkey", "--depths", "0,1.5"], "--depths: a depth is a fraction from 0 to 1, not '1.5'"),
     (["passkey", "--trials", "0"], "--trials: must be at least 1, not '0'"),
+    (["passkey", "--running", "0"], "--running: must be at least 1, not '0'"),
 ])
 def test_bad_input(tiny, args, message):
     r = run(*args, "--model", str(tiny), "--adapter", "none")

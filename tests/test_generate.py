@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from safetensors.torch import save_file
 
 from generate import format_input, layout, pass_key_prefix, prepare, sample
@@ -22,19 +22,21 @@ def run(*args, timeout=300):
 
 @settings(max_examples=50, deadline=None)
 @given(T=st.integers(1, 300_000), window=st.sampled_from([2048, 4096, 8192]), L=st.sampled_from([256, 1024]),
-       D=st.integers(64, 4096), max_new=st.integers(1, 1024))
-def test_layout_keeps_the_running_text_inside_the_window(T, window, L, D, max_new):
+       D=st.integers(1, 4096), max_new=st.integers(1, 1024), question=st.integers(1, 600))
+@example(T=100_000, window=8192, L=1024, D=1, max_new=8, question=600)  # --running 1 with a long question
+def test_layout_keeps_the_running_text_inside_the_window(T, window, L, D, max_new, question):
     try:
-        n = layout(T, window, L, D, max_new)
-    except ValueError as e:
-        assert window - L - max_new < 1 and "cannot fit the window" in str(e)
+        n = layout(T, window, L, D, max_new, question)
+    except ValueError as e:  # only when the question, one chunk and the answer cannot share the window
+        assert window - L - max_new < question and "cannot fit the window" in str(e)
         return
     if T + max_new <= window:
         assert n == 0
     else:
-        running = T - n * L
+        running, D = T - n * L, min(max(D, question), window - L - max_new)  # a --running below the question: raised
         assert running + max_new <= window, "the running text and the answer must fit the window"
-        assert n == 0 or min(D, window - L - max_new) <= running < min(D, window - L - max_new) + L
+        assert n == 0 or D <= running < D + L
+        assert n == 0 or running >= question, "the question stays in the running text"
 
 
 def test_format_input_marks_the_question(smollm2):
