@@ -31,9 +31,9 @@ sub = parser.add_subparsers(dest="command", required=True)
 def checked(kind, ok, why):
     """An argparse type: a `kind` value for which ok(value) holds; else argparse's error, saying why."""
     def parse(text):
-        if not ok(kind(text)):  # a ValueError from kind: argparse says "invalid <__name__> value"
+        if not ok(value := kind(text)):  # a ValueError from kind: argparse says "invalid <__name__> value"
             raise argparse.ArgumentTypeError(f"{why}, not {text!r}")
-        return kind(text)
+        return value
     parse.__name__ = kind.__name__
     return parse
 

@@ -92,7 +92,7 @@ def format_input(tokenizer, document: str, prompt: str | None, answer_prefix: st
 
 def layout(n_tokens: int, window: int, L: int, D: int, max_new: int, min_running: int = 1) -> int:
     """How many L-token chunks go to the context tree (DESIGN Sec. 6): 0 when everything fits the window; else
-    n = (T - D) // L, so the running text keeps between D and D + L tokens, with D shrunk to fit the window."""
+    n = (T - D) // L: the running text keeps D to D + L tokens, D grown to hold the question and shrunk to fit."""
     if n_tokens + max_new <= window:
         return 0
     D = min(max(D, min_running), window - L - max_new)  # the running text holds at least the question

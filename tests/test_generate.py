@@ -33,7 +33,7 @@ def test_layout_keeps_the_running_text_inside_the_window(T, window, L, D, max_ne
     if T + max_new <= window:
         assert n == 0
     else:
-        running, D = T - n * L, min(max(D, question), window - L - max_new)  # a --running below the question: raised
+        running, D = T - n * L, min(max(D, question), window - L - max_new)  # a --running below the question grows to it
         assert running + max_new <= window, "the running text and the answer must fit the window"
         assert n == 0 or D <= running < D + L
         assert n == 0 or running >= question, "the question stays in the running text"
