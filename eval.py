@@ -1,12 +1,13 @@
 """Measure SharedLLM. A benchmark, not a test: run it on a quiet machine; it prints a markdown table to stdout.
 
     python eval.py speed                                        # 4K..128K, the three modes, one process
-    python eval.py speed --lengths 4096,32768 --modes sharedllm,full --new_tokens 16
+    python eval.py speed --lengths 4096 32768 --modes sharedllm full --new_tokens 16
     python eval.py descent --trials 200                         # does the tree keep a hidden key finely?
     python eval.py ppl                                          # perplexity at 4K..128K, with and without context
-    python eval.py passkey --lengths 8192,32768,131072 --plot   # pass-key accuracy, length x depth
+    python eval.py passkey --lengths 8192 32768 131072 --plot   # pass-key accuracy, length x depth
 """
 import argparse
+import importlib.util
 import math
 import random
 import re
@@ -38,16 +39,9 @@ def checked(kind, ok, why):
     return parse
 
 
-def listed(item):
-    """An argparse type: a comma-separated list of `item` values."""
-    def parse(text):
-        return [item(x) for x in text.split(",")]
-    parse.__name__ = f"comma-separated {item.__name__}"
-    return parse
-
-
 at_least = lambda low: checked(int, lambda n: n >= low, f"must be at least {low}")  # noqa: E731
 MODES = ["sharedllm", "window", "full"]
+GREEDY = lambda logits: int(logits.argmax())  # noqa: E731  (and no stop token: always the tokens asked for)
 
 
 def command(name, helptext, lengths=None, modes=None):
@@ -58,29 +52,27 @@ def command(name, helptext, lengths=None, modes=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
     if lengths:
-        p.add_argument("--lengths", default=lengths, type=listed(at_least(1)), help="input lengths in tokens")
-        allowed = MODES + ["other"] * (name == "ppl")
-        p.add_argument("--modes", default=modes, type=listed(checked(str, allowed.__contains__, "a mode is one of " +
-                       ", ".join(allowed))), help="comma-separated: sharedllm, window, full (ppl: also other)")
+        p.add_argument("--lengths", nargs="+", type=at_least(1), default=lengths, help="input lengths in tokens")
+        p.add_argument("--modes", nargs="+", choices=MODES + ["other"] * (name == "ppl"), default=modes,
+                       help="what reads the input: sharedllm, window (X_D alone), full (ppl: also other, a control)")
     return p
 
 
 speed = command("speed", "time and peak memory vs input length, three modes side by side",
-                "4096,8192,16384,32768,65536,131072", "sharedllm,window,full")
+                [4096, 8192, 16384, 32768, 65536, 131072], MODES)
 speed.add_argument("--new_tokens", type=at_least(2), default=32, help="tokens decoded after the prefill")
 speed.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens")
 speed.add_argument("--full_max", type=int, default=32768, help="longest input for --mode full (32K: ~6 min on 2 cores)")
 descent = command("descent", "how often query-aware descent keeps a hidden pass key at the finest level")
 descent.add_argument("--trials", type=at_least(1), default=200, help="needles, each at a random offset of its chunk")
 descent.add_argument("--mass_trials", type=at_least(0), default=20, help="of them, with the attention measured")
-ppl = command("ppl", "perplexity of the last 256 tokens (DESIGN Sec. 7)", "4096,8192,32768,131072",
-              "sharedllm,window,full")
+ppl = command("ppl", "perplexity of the last 256 tokens (DESIGN Sec. 7)", [4096, 8192, 32768, 131072], MODES)
 ppl.add_argument("--files", nargs="*", default=[], help="text files (default: the stdlib's packages, never trained on)")
 ppl.add_argument("--windows", type=at_least(1), default=8, help="windows (end positions), shared by all lengths")
 ppl.add_argument("--full_max", type=int, default=8192, help="longest input for --mode full")
-passkey = command("passkey", "pass-key retrieval accuracy, length x depth", "8192,32768,131072", "sharedllm,window")
-passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fractions of the input)",
-                     type=listed(checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction from 0 to 1")))
+passkey = command("passkey", "pass-key retrieval accuracy, length x depth", [8192, 32768, 131072], MODES[:2])
+passkey.add_argument("--depths", nargs="+", default=[0, 0.25, 0.5, 0.75, 1], help="needle depths (fractions)",
+                     type=checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction from 0 to 1"))
 passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")
 passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent (default: the adapter's)")
 passkey.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens (the rest is the tree's)")
@@ -115,14 +107,12 @@ def table(title, header, rows):
         print("| " + " | ".join(map(str, row)) + " |")
 
 
-def run_speed(args):
-    model, tokenizer = model_for(args)
+def run_speed(args, model, tokenizer):
     device, dtype = model.output.weight.device, model.output.weight.dtype
     cfg, L = model.cfg, model.cfg.chunk_len
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    lengths, modes = args.lengths, args.modes
     question = tokenizer.encode("\n\nQuestion: what is this text about? Answer:").ids
-    ids = text_tokens(tokenizer, max(lengths))
+    ids = text_tokens(tokenizer, max(args.lengths))
     peak_rate = matmul_rate(device, dtype)
     print(f"{args.dtype} matmul: {peak_rate / 1e12:.2f} TFLOP/s; {torch.get_num_threads()} threads", file=sys.stderr)
 
@@ -135,11 +125,10 @@ def run_speed(args):
     query_flops, chunk_flops = query_counter.get_total_flops(), counter.get_total_flops() / 4
 
     rows = []
-    pick = lambda logits: int(logits.argmax())  # noqa: E731  (greedy, and no stop token: always new_tokens)
-    for T in lengths:
+    for T in args.lengths:
         tokens = ids[:T - len(question)] + question
         n = layout(T, cfg.max_seq_len, L, args.running, args.new_tokens)
-        for mode in modes:
+        for mode in args.modes:
             if mode == "full" and T > args.full_max:
                 continue
             split = 0 if mode == "full" else n * L
@@ -155,7 +144,7 @@ def run_speed(args):
             sync()
             t1 = time.perf_counter()
             steps = []
-            for _ in generate(model, running, memory, args.new_tokens, set(), pick):  # 3. prefill, decode
+            for _ in generate(model, running, memory, args.new_tokens, set(), GREEDY):  # 3. prefill, decode
                 sync()
                 steps.append(time.perf_counter())
             total = steps[-1] - t0
@@ -164,29 +153,20 @@ def run_speed(args):
             rows.append([T, mode, n if mode == "sharedllm" else 0, running.size(1), f"{t1 - t0:.1f}",
                          f"{steps[0] - t1:.1f}", f"{decode:.1f}", f"{total:.1f}", f"{peak_mb(device):.0f}",
                          f"{tree_rate:.0%}" if tree_rate else "", total])
-            print(f"  total {total:.1f} s", file=sys.stderr)
 
     # 4. The table, with each length's speed-up of sharedllm over full attention.
     full = {r[0]: r[-1] for r in rows if r[1] == "full"}
-    header = ["tokens", "mode", "chunks", "running", "tree s", "prefill s", "decode tok/s", "total s", "peak MB",
-              "tree % of peak", "full / sharedllm"]
     table(f"{args.dtype}, {torch.get_num_threads()} threads on {device.type}; matmul peak {peak_rate / 1e12:.2f} "
-          f"TFLOP/s (start) / {matmul_rate(device, dtype) / 1e12:.2f} (end); {args.new_tokens} new tokens", header,
+          f"TFLOP/s (start) / {matmul_rate(device, dtype) / 1e12:.2f} (end); {args.new_tokens} new tokens",
+          ["tokens", "mode", "chunks", "running", "tree s", "prefill s", "decode tok/s", "total s", "peak MB",
+           "tree % of peak", "full / sharedllm"],
           [r[:-1] + [f"{full[r[0]] / r[-1]:.1f}x" if r[1] == "sharedllm" and r[0] in full else ""] for r in rows])
 
 
-def model_for(args):
-    model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device), getattr(torch, args.dtype))
-    print(f"adapter: {adapter}", file=sys.stderr)
-    return model, tokenizer
-
-
-@torch.no_grad()
-def run_ppl(args):
+def run_ppl(args, model, tokenizer):
     """DESIGN Sec. 7: X_D = the last 4096 tokens (2048 at 4K), loss on its last 256; the context = the chunks
     before it. window = X_D alone; full = plain attention over all T tokens. Every length ends at the same
     place in a window, so all lengths score the same 256 tokens and differ only in how much comes before."""
-    model, tokenizer = model_for(args)
     L, rng = model.cfg.chunk_len, random.Random(args.seed)
     try:
         texts = [Path(f).read_text(errors="replace") for f in args.files] or [held_out_code()]
@@ -197,7 +177,7 @@ def run_ppl(args):
     if not lengths:
         sys.exit(f"error: the text has only {len(ids)} tokens; give more text or shorter --lengths")
     ends = [rng.randrange(max(lengths), len(ids) + 1) for _ in range(args.windows)]
-    losses, window_loss = {}, {}  # window: X_D alone, the same last 4096 tokens at every length from 8K on
+    losses = {}
     for T in lengths:
         D = T - (T - min(4096, T // 2)) // L * L  # the context is whole chunks; X_D takes the rest
         run = [m for m in modes if {"full": T <= args.full_max, "other": 4 * T <= len(ids)}.get(m, True)]
@@ -210,15 +190,11 @@ def run_ppl(args):
             for mode in run:
                 if mode == "full":
                     loss = model(window[:, :-1], targets[:, 1:])[1]
-                elif mode == "window" and (end, D) in window_loss:
-                    loss = window_loss[(end, D)]
                 else:  # control "other": the context of a place half the text away, so no help but its style
                     far = (end - T + len(ids) // 2) % (len(ids) - T + 1)
                     context = window[:, :T - D] if mode == "sharedllm" else torch.tensor([ids[far:far + T - D]])
                     memory = model.encode_context(context.to(window.device)) if mode != "window" else None
                     loss = model(window[:, T - D:-1], targets[:, T - D + 1:], memory=memory)[1]
-                    if mode == "window":
-                        window_loss[(end, D)] = loss
                 losses.setdefault((T, mode), []).append(loss.item())
             print(f"{T} ending at {end}: " + ", ".join(f"{m} {math.exp(losses[(T, m)][-1]):.3f}" for m in modes
                                                        if (T, m) in losses), file=sys.stderr)
@@ -232,16 +208,9 @@ def run_ppl(args):
           f"windows where sharedllm's loss was lower", ["tokens"] + modes + [f"sharedllm < {m}" for m in rivals], rows)
 
 
-@torch.no_grad()
-def run_passkey(args):
+def run_passkey(args, model, tokenizer):
     """A pass key at each depth of real filler (Python's docs); 'What is the pass key?'; correct when the first
     number generated after "The pass key is " equals the key."""
-    if args.plot:  # before the sweep, not after it
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError:
-            sys.exit("error: --plot needs matplotlib (pip install matplotlib); or run without --plot for the table")
-    model, tokenizer = model_for(args)
     rng = random.Random(args.seed)
     lengths, depths, modes = args.lengths, args.depths, args.modes
     filler, prefix = text_tokens(tokenizer, max(lengths)), pass_key_prefix(tokenizer)
@@ -258,7 +227,7 @@ def run_passkey(args):
                 for mode in modes:
                     ids, n, tokens, memory, _ = prepare(model, tokenizer, text, "What is the pass key?", prefix, mode,
                                                         args.policy, 8, args.running)
-                    out = list(generate(model, tokens, memory, 8, set(), lambda x: int(x.argmax())))
+                    out = list(generate(model, tokens, memory, 8, set(), GREEDY))
                     found = re.findall(r"\d+", tokenizer.decode(out))
                     correct.setdefault((mode, T, depth), []).append(bool(found) and found[0] == str(key))
                     at = max((i for i in range(len(ids)) if ids[i:i + len(digits)] == digits), default=len(ids))
@@ -272,7 +241,8 @@ def run_passkey(args):
           [[m, T] + [f"{c:.0%}" for c in rate[(m, T)] + [statistics.mean(rate[(m, T)])]] +
            [f"{sum(outside.get((m, T), []))}/{len(outside.get((m, T), []))}"] for m, T in rate])
     if args.plot:
-        fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3), squeeze=False)
+        import matplotlib.pyplot as plt  # optional: main checked that it is there
+        fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3), squeeze=False, layout="constrained")
         for ax, mode in zip(axes[0], modes):
             ax.imshow([[rate[(mode, T)][i] for T in lengths] for i in range(len(depths))], vmin=0, vmax=1,
                       cmap="RdYlGn", aspect="auto")
@@ -282,20 +252,23 @@ def run_passkey(args):
         print(f"wrote {args.plot}", file=sys.stderr)
 
 
-@torch.no_grad()
-def run_descent(args):
+def run_descent(args, model, tokenizer):
     """A pass-key sentence at a random offset of a chunk of real text; the running text ends with the question.
     A trial succeeds when the key's digits land in the finest (level-h) nodes. Random descent: 1 in 2^(h-1).
     Then, in the first --mass_trials, with MaxSim's memory: the cross-attention mass on the key's entries when the
     answer's first digit is due, per injection layer, against the key's share of the entries (uniform attention)."""
-    model, tokenizer = model_for(args)
     L, rng, device, cfg = model.cfg.chunk_len, random.Random(args.seed), model.output.weight.device, model.cfg
     filler = text_tokens(tokenizer, 400_000)
     strides = tree.strides(cfg.tree_depth, cfg.finest_stride)
-    seen = {}  # each cross-attention's input at the last position, captured by a hook
-    for j, layer in enumerate(model.layers[:cfg.n_inject]):
-        layer.cross_attention.register_forward_pre_hook(lambda m, a, j=j: seen.__setitem__(j, a[0][:, -1:]))
     wins, mass = {"right": 0, "cosine": 0, "maxsim": 0}, [[] for _ in range(cfg.n_inject + 1)]
+
+    def attention_mass(j, module, inputs, output):  # a hook: what cross-attention j computed, at the last position
+        x, k, _, memory = inputs  # k: (B, Hkv, S, D)
+        k = k.repeat_interleave(module.n_heads // k.size(1), 1)
+        p = (module.queries(x[:, -1:], memory) @ k.transpose(-1, -2) * module.head_dim ** -0.5).float().softmax(-1)
+        mass[j].append(p[0, :, 0][:, on].sum(-1).mean().item())  # summed over the key's entries, mean over heads
+    for j, layer in enumerate(model.layers[:cfg.n_inject]):
+        layer.cross_attention.register_forward_hook(lambda *a, j=j: attention_mass(j, *a))
     for trial in range(args.trials):
         key = rng.randint(10000, 99999)
         needle = tokenizer.encode(" " + NEEDLE.format(key=key) + " ").ids
@@ -320,12 +293,7 @@ def run_descent(args):
         on = torch.tensor([at <= o < at + len(digits) for n in nodes for o in tree.kept_positions(n, strides)],
                           device=device)  # nodes and memory: MaxSim's, the loop's last policy
         mass[-1].append(on.float().mean().item())
-        model(running, memory=memory, last_only=True)  # the hooks keep each cross-attention's input
-        for j, layer in enumerate(model.layers[:cfg.n_inject]):  # the attention CrossAttention computed
-            ca, k = layer.cross_attention, memory.k[j].repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 1)
-            scores = ca.queries(seen[j], memory) @ k.transpose(-1, -2) * cfg.head_dim ** -0.5
-            p = scores.float().softmax(-1)[0, :, 0]  # (H, S)
-            mass[j].append(p[:, on].sum(-1).mean().item())
+        model(running, memory=memory, last_only=True)  # the hooks measure
     table(f"key digits kept at the finest level, {args.trials} trials, {L}-token chunks, depth {cfg.tree_depth}:",
           ["policy", "hit rate"], [(policy, f"{hits / args.trials:.0%}") for policy, hits in wins.items()])
     if mass[-1]:
@@ -336,7 +304,14 @@ def run_descent(args):
 
 if __name__ == "__main__":
     args = parser.parse_args()
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:  # before the sweep
+        sys.exit("error: --plot needs matplotlib (pip install matplotlib); or run without --plot for the table")
     try:
-        {"speed": run_speed, "descent": run_descent, "ppl": run_ppl, "passkey": run_passkey}[args.command](args)
+        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device),
+                                               getattr(torch, args.dtype))
     except LoadError as e:
         sys.exit(f"error: {e}")
+    print(f"adapter: {adapter}", file=sys.stderr)
+    torch.set_grad_enabled(False)  # measurement only
+    {"speed": run_speed, "descent": run_descent, "ppl": run_ppl, "passkey": run_passkey}[args.command](
+        args, model, tokenizer)

@@ -1,5 +1,6 @@
 """eval.py's ppl and passkey commands on a tiny random model with the real tokenizer: they run end to end, and
 with the gates at zero the context changes nothing (sharedllm == window, to the last digit)."""
+import importlib.util
 import re
 import subprocess
 import sys
@@ -24,8 +25,8 @@ def run(*args):
 def test_ppl_with_the_gates_at_zero_equals_the_window(tiny, tmp_path):
     text = tmp_path / "prose.txt"
     text.write_text(pydoc_text()[:200_000])
-    r = run("ppl", "--model", str(tiny), "--adapter", "none", "--files", str(text), "--lengths", "4096,8192,16384",
-            "--windows", "2", "--modes", "sharedllm,window,full,other")
+    r = run("ppl", "--model", str(tiny), "--adapter", "none", "--files", str(text), "--lengths", "4096", "8192", "16384",
+            "--windows", "2", "--modes", "sharedllm", "window", "full", "other")
     assert r.returncode == 0, r.stderr
     assert "16384: no 'other' row" in r.stderr  # the text is too short for an unrelated context that far
     assert re.search(r"^\| 16384 \| [\d.]+ \| [\d.]+ \|  \|  \|", r.stdout, re.M), r.stdout
@@ -38,8 +39,8 @@ def test_ppl_with_the_gates_at_zero_equals_the_window(tiny, tmp_path):
 
 
 def test_passkey_prints_one_row_per_mode_and_length(tiny):
-    r = run("passkey", "--model", str(tiny), "--adapter", "none", "--lengths", "10240", "--depths", "0,1",
-            "--trials", "1", "--modes", "sharedllm,window", "--running", "2048")
+    r = run("passkey", "--model", str(tiny), "--adapter", "none", "--lengths", "10240", "--depths", "0", "1",
+            "--trials", "1", "--modes", "sharedllm", "window", "--running", "2048")
     assert r.returncode == 0, r.stderr
     rows = re.findall(r"^\| (\w+) \| 10240 \| \d+% \| \d+% \| \d+% \| (\d+)/(\d+) \|$", r.stdout, re.M)
     assert [row[0] for row in rows] == ["sharedllm", "window"], r.stdout
@@ -47,7 +48,7 @@ def test_passkey_prints_one_row_per_mode_and_length(tiny):
 
 
 def test_speed_prints_one_row_per_length_and_mode(tiny):
-    r = run("speed", "--model", str(tiny), "--adapter", "none", "--lengths", "4096,10240", "--new_tokens", "2",
+    r = run("speed", "--model", str(tiny), "--adapter", "none", "--lengths", "4096", "10240", "--new_tokens", "2",
             "--running", "2048", "--full_max", "4096")
     assert r.returncode == 0, r.stderr
     rows = re.findall(r"^\| (\d+) \| (\w+) \| (\d+) \| (\d+) \|" + r" [\d.]+ \|" * 5 + r" (\d*%?) \| ([\d.]*x?) \|$",
@@ -74,18 +75,25 @@ def test_descent_reports_hit_rates_and_attention_mass(tiny):
 @pytest.mark.parametrize("args, message", [
     (["ppl", "--files", "/no/such/file.txt"], "cannot read /no/such/file.txt"),
     (["ppl", "--files", "README.md", "--lengths", "10000000"], "the text has only"),
-    (["ppl", "--modes", "sharedllm,fast"], "--modes: a mode is one of sharedllm, window, full, other, not 'fast'"),
-    (["passkey", "--modes", "sharedllm,other"], "--modes: a mode is one of sharedllm, window, full, not 'other'"),
-    (["ppl", "--lengths", "8k"], "--lengths: invalid comma-separated int value: '8k'"),
-    (["passkey", "--lengths", "8192,0"], "--lengths: must be at least 1, not '0'"),
-    (["passkey", "--depths", "0,half"], "--depths: invalid comma-separated float value: '0,half'"),
-    (["passkey", "--depths", "0,1.5"], "--depths: a depth is a fraction from 0 to 1, not '1.5'"),
+    (["ppl", "--modes", "sharedllm", "fast"], "--modes: invalid choice: 'fast'"),
+    (["passkey", "--modes", "sharedllm", "other"], "--modes: invalid choice: 'other'"),
+    (["ppl", "--lengths", "8k"], "--lengths: invalid int value: '8k'"),
+    (["ppl", "--lengths", "4096,8192"], "--lengths: invalid int value: '4096,8192'"),  # lists are space-separated
+    (["passkey", "--lengths", "8192", "0"], "--lengths: must be at least 1, not '0'"),
+    (["passkey", "--depths", "0", "half"], "--depths: invalid float value: 'half'"),
+    (["passkey", "--depths", "0", "1.5"], "--depths: a depth is a fraction from 0 to 1, not '1.5'"),
     (["passkey", "--trials", "0"], "--trials: must be at least 1, not '0'"),
     (["passkey", "--running", "0"], "--running: must be at least 1, not '0'"),
 ])
 def test_bad_input(tiny, args, message):
     r = run(*args, "--model", str(tiny), "--adapter", "none")
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
+def test_plot_without_matplotlib_stops_before_the_sweep():
+    r = run("passkey", "--plot", "heatmap.png", "--model", "/no/such/model")  # the check comes before the model
+    assert r.returncode == 1 and "--plot needs matplotlib" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_a_model_that_does_not_load_is_one_clear_line():
