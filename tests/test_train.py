@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import sharedllm
 import train
 from load_llama import load_adapter, load_llama
 from conftest import tiny_with_real_tokenizer
@@ -175,3 +176,23 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     fails(args, "No space left on device); the previous checkpoint is kept")
     assert json.loads((tmp_path / "ckpt.json").read_text())["step"] == 1
     assert load_file(tmp_path / "ckpt.safetensors") and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    def run(out, *extra):
+        return base_args(tiny, tmp_path / out, "--steps", "3", "--grad_accum", "1", "--save_every", "1", "--val", "0",
+                         *extra)
+
+    real, calls = sharedllm.F.cross_entropy, []
+
+    def nan_from_the_third_sample(*args, **kwargs):  # steps 1 and 2 are good, step 3's loss is NaN
+        calls.append(1)
+        return real(*args, **kwargs) * (float("nan") if len(calls) == 3 else 1)
+
+    monkeypatch.setattr(sharedllm.F, "cross_entropy", nan_from_the_third_sample)
+    fails(run("bad"), "loss is nan at step 2; stopped without saving")
+    assert json.loads((tmp_path / "bad" / "ckpt.json").read_text())["step"] == 2
+    train.main(run("bad", "--resume"))  # the third call was the NaN; from here on the loss is finite again
+    train.main(run("ref"))  # uninterrupted
+    a, b = (load_file(tmp_path / out / "adapter.safetensors") for out in ("bad", "ref"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)  # the kept checkpoint was good
