@@ -21,7 +21,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 import tree
-from generate import NEEDLE, format_input, generate, layout, load_model, pass_key_prefix, prepare
+from generate import NEEDLE, at_least, checked, format_input, generate, layout, load_model, pass_key_prefix, prepare
 from load_llama import LoadError
 from train import builtin_docs, held_out_code
 
@@ -29,17 +29,6 @@ parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
 
 
-def checked(kind, ok, why):
-    """An argparse type: a `kind` value for which ok(value) holds; else argparse's error, saying why."""
-    def parse(text):
-        if not ok(value := kind(text)):  # a ValueError from kind: argparse says "invalid <__name__> value"
-            raise argparse.ArgumentTypeError(f"{why}, not {text!r}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-at_least = lambda low: checked(int, lambda n: n >= low, f"must be at least {low}")  # noqa: E731
 MODES = ["sharedllm", "window", "full"]
 GREEDY = lambda logits: int(logits.argmax())  # noqa: E731  (and no stop token: always the tokens asked for)
 
@@ -75,7 +64,7 @@ passkey.add_argument("--depths", nargs="+", default=[0, 0.25, 0.5, 0.75, 1], hel
                      type=checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction from 0 to 1"))
 passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")
 passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent (default: the adapter's)")
-passkey.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens (the rest is the tree's)")
+passkey.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens (the rest: the tree)")
 passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (needs matplotlib)")
 
 

@@ -19,6 +19,22 @@ import torch
 from load_llama import LoadError, load_adapter, load_llama, read_adapter
 from sharedllm import KVCache
 
+
+def checked(kind, ok, why):
+    """An argparse type (also train.py's and eval.py's): a `kind` value for which ok(value) holds; else argparse's
+    error, saying why."""
+    def parse(text):
+        if not ok(value := kind(text)):  # a ValueError from kind: argparse says "invalid <__name__> value"
+            raise argparse.ArgumentTypeError(f"{why}, not {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def at_least(low, kind=int):
+    return checked(kind, lambda x: x >= low, f"must be at least {low}")
+
+
 parser = argparse.ArgumentParser(description="Generate from a long file with SharedLLM.")
 parser.add_argument("--file", help="the long input (text); omit both --file and --prompt for the demo")
 parser.add_argument("--prompt", help="a question or instruction about the file; without it the file is continued")
@@ -30,13 +46,14 @@ parser.add_argument("--mode", default="sharedllm", choices=["sharedllm", "window
                          "full: plain attention over the whole input")
 parser.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent: the paper's last-token "
                     "cosine, or token-level MaxSim (default: the adapter's, else cosine)")
-parser.add_argument("--max_new_tokens", type=int, default=None, help="tokens to generate at most (128; demo: 12)")
-parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-parser.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
-parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold")
+parser.add_argument("--max_new_tokens", type=at_least(1), help="tokens to generate at most (128; demo: 12)")
+parser.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0: greedy")
+parser.add_argument("--top_k", type=at_least(0), default=0, help="sample from the k likeliest tokens (0: all)")
+parser.add_argument("--top_p", type=checked(float, lambda p: 0 < p <= 1, "must be in (0, 1]"), default=1.0,
+                    help="nucleus sampling threshold")
 parser.add_argument("--seed", type=int, default=0, help="sampling seed (and the demo's key and depth)")
 parser.add_argument("--answer_prefix", default="", help="text the answer starts with, e.g. 'The pass key is'")
-parser.add_argument("--running", type=int, default=4096, help="D: running-text tokens the upper model reads")
+parser.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens the upper model reads")
 parser.add_argument("--show_tree", action="store_true", help="print which spans of each chunk were kept, how finely")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
@@ -191,8 +208,6 @@ def main():
     demo = args.file is None and args.prompt is None
     if args.max_new_tokens is None:
         args.max_new_tokens = 12 if demo else 128
-    if args.max_new_tokens < 1:
-        usage_error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     t0 = time.time()
 

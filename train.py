@@ -25,36 +25,40 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from generate import NEEDLE, format_input
+from generate import NEEDLE, at_least, checked, format_input
 from load_llama import LoadError, load_adapter, load_llama
 
+FRACTION = checked(float, lambda x: 0 <= x <= 1, "must be a fraction from 0 to 1")
 parser = argparse.ArgumentParser(description="Train SharedLLM's cross-attention (and optionally more).")
 parser.add_argument("--data", nargs="*", default=[], help="text/markdown files, folders, .jsonl ({'text'} or "
                     "{'prompt','response'}); none: the built-in offline mix")
 parser.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
 parser.add_argument("--out", default="out", help="folder for checkpoints and the adapter")
-parser.add_argument("--seq", type=int, default=8192, help="tokens per language-modelling sequence")
-parser.add_argument("--chunk", type=int, default=1024, help="L: context chunk length")
-parser.add_argument("--running", type=int, default=4096, help="D: running-text tokens")
+parser.add_argument("--seq", type=at_least(2), default=8192, help="tokens per language-modelling sequence")
+parser.add_argument("--chunk", type=at_least(1), default=1024, help="L: context chunk length")
+parser.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens")
 parser.add_argument("--n_inject", type=int, default=4, help="M: injection layers")
-parser.add_argument("--finest_stride", type=int, default=4, help="keep every s-th token of the finest tree nodes")
+parser.add_argument("--finest_stride", type=at_least(1), default=4, help="keep every s-th token of the finest nodes")
 parser.add_argument("--tune", default="xattn", choices=["xattn", "top", "all"],
                     help="xattn: cross-attention + gates; top: also layers M..N-1; all: the whole model")
 parser.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"], help="query-aware descent (QA)")
-parser.add_argument("--retrieval", type=float, default=0.5, help="share of generated retrieval samples (built-in)")
-parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
-parser.add_argument("--grad_accum", type=int, default=4, help="sequences per step and process")
-parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the copied norm/wq/wo (and layers)")
-parser.add_argument("--gate_lr", type=float, default=1e-1, help="learning rate of the tanh gates (they start at 0)")
-parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-parser.add_argument("--warmup", type=int, default=10, help="linear warm-up steps, then cosine to 10%%")
-parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+parser.add_argument("--retrieval", type=FRACTION, default=0.5, help="share of generated retrieval samples (built-in)")
+parser.add_argument("--steps", type=at_least(1), default=300, help="optimizer steps")
+parser.add_argument("--grad_accum", type=at_least(1), default=4, help="sequences per step and process")
+parser.add_argument("--lr", type=at_least(0, float), default=1e-3,
+                    help="learning rate of the copied norm/wq/wo (and layers)")
+parser.add_argument("--gate_lr", type=at_least(0, float), default=1e-1,
+                    help="learning rate of the tanh gates (they start at 0)")
+parser.add_argument("--weight_decay", type=at_least(0, float), default=0.0, help="AdamW weight decay")
+parser.add_argument("--warmup", type=at_least(0), default=10, help="linear warm-up steps, then cosine to 10%%")
+parser.add_argument("--clip", type=checked(float, lambda x: x > 0, "must be positive"), default=1.0,
+                    help="gradient norm clipping")
 parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast compute dtype")
 parser.add_argument("--checkpointing", action="store_true", help="recompute activations in backward (less memory)")
 parser.add_argument("--seed", type=int, default=0, help="data order, split noise and generated samples")
-parser.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-parser.add_argument("--log_every", type=int, default=10, help="a log line every N steps")
-parser.add_argument("--val", type=int, default=8, help="held-out sequences for the final validation")
+parser.add_argument("--save_every", type=at_least(1), default=50, help="checkpoint every N steps (and at the end)")
+parser.add_argument("--log_every", type=at_least(1), default=10, help="a log line every N steps")
+parser.add_argument("--val", type=at_least(0), default=8, help="held-out sequences for the final validation")
 parser.add_argument("--resume", action="store_true", help="continue from --out/ckpt.safetensors")
 parser.add_argument("--init", help="start from these trained weights (an adapter.safetensors), with a fresh optimizer")
 parser.add_argument("--on_bad_line", default="skip", choices=["skip", "stop"], help="malformed .jsonl lines")

@@ -147,7 +147,8 @@ def test_prepare_takes_the_adapters_policy_unless_told(smollm2, monkeypatch):
     assert [s[:-1] for s in queries] == [(1, q), (1,), (1, q)]  # MaxSim: the question's states; cosine: its last
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "zero_tokens", "too_many_tokens", "not_utf8", "prompt_only"])
+@pytest.mark.parametrize("case", ["missing", "empty", "zero_tokens", "too_many_tokens", "not_utf8", "prompt_only",
+                                  "top_p"])
 def test_cli_bad_input(tmp_path, case):
     file = tmp_path / "in.txt"
     args = {"missing": ["--file", str(tmp_path / "nope.txt")],
@@ -155,7 +156,8 @@ def test_cli_bad_input(tmp_path, case):
             "zero_tokens": ["--prompt", "hi", "--max_new_tokens", "0"],
             "too_many_tokens": ["--file", str(file), "--max_new_tokens", "8000"],
             "not_utf8": ["--file", str(file), "--max_new_tokens", "3"],
-            "prompt_only": ["--prompt", "What is the capital of France?", "--max_new_tokens", "12"]}[case]
+            "prompt_only": ["--prompt", "What is the capital of France?", "--max_new_tokens", "12"],
+            "top_p": ["--prompt", "hi", "--top_p", "0"]}[case]
     file.write_bytes({"too_many_tokens": b"word " * 3000, "not_utf8": b"caf\xe9 au lait \xff\xfe is"}.get(case, b""))
     out = run(*args)
     if case in ("not_utf8", "prompt_only"):
@@ -168,6 +170,6 @@ def test_cli_bad_input(tmp_path, case):
         return
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
-    phrase = {"missing": "cannot read --file", "empty": "is empty", "zero_tokens": "at least 1",
-              "too_many_tokens": "cannot fit the window"}[case]
-    assert out.stderr.strip().splitlines()[-1].startswith("error: ") and phrase in out.stderr
+    phrase = {"missing": "cannot read --file", "empty": "is empty", "too_many_tokens": "cannot fit the window",
+              "zero_tokens": "--max_new_tokens: must be at least 1", "top_p": "--top_p: must be in (0, 1]"}[case]
+    assert "error: " in out.stderr.strip().splitlines()[-1] and phrase in out.stderr  # argparse: "generate.py: error:"

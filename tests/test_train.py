@@ -148,6 +148,22 @@ def test_bad_inputs(tiny, tmp_path, capsys, monkeypatch):
     fails(base_args(tiny, tmp_path / "fresh", "--init", str(tmp_path / "no.safetensors")), "--init")
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--chunk", "0", "--chunk: must be at least 1, not '0'"),
+    ("--grad_accum", "0", "--grad_accum: must be at least 1, not '0'"),
+    ("--log_every", "0", "--log_every: must be at least 1, not '0'"),
+    ("--finest_stride", "0", "--finest_stride: must be at least 1, not '0'"),
+    ("--retrieval", "1.5", "--retrieval: must be a fraction from 0 to 1, not '1.5'"),
+    ("--lr", "-0.001", "--lr: must be at least 0, not '-0.001'"),
+    ("--clip", "0", "--clip: must be positive, not '0'"),
+    ("--steps", "ten", "--steps: invalid int value: 'ten'"),
+])
+def test_bad_numbers_stop_before_anything_loads(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main([flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_init_starts_from_a_trained_adapter(tiny, tmp_path):
     train.main(base_args(tiny, tmp_path / "a", "--steps", "3", "--grad_accum", "1", "--val", "0"))
     train.main(base_args(tiny, tmp_path / "b", "--steps", "1", "--grad_accum", "1", "--val", "0", "--lr", "0",
