@@ -134,11 +134,19 @@ QUESTIONS = [["What is the pass key?", "Which pass key was mentioned in the text
 FACTS = [["The {thing} of {name} is {key}.", "{name}'s {thing} is {key}."], ["For {name}, the {thing} is {key}."]]
 THINGS, NAMES = ["locker code", "room number", "badge id", "account pin"], ["Ada", "Linus", "Grace", "Guido", "Alan",
                                                                            "Barbara", "Ken", "Margaret", "Dennis"]
+QUOTES = [["{name} left the {item} {place}.", "Yesterday {name} hid the {item} {place}."],
+          ["According to {name}, the {item} is kept {place}."]]
+QUOTE_QUESTIONS = [["Quote the sentence about {name}.", "Repeat word for word what the text says about {name}."],
+                   ["Which sentence mentions {name}? Quote it exactly."]]
+ITEMS = ["spare key", "old map", "red ledger", "brass lamp", "signed contract", "backup drive"]
+PLACES = ["under the third stair", "behind the blue door", "in the north tower", "beside the broken clock",
+          "inside the piano", "on the top shelf of the library"]
 
 
 def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0):
     """A long document of real text with one or several facts hidden at random depths; a question about one;
-    its answer. -> (document, question, answer)."""
+    its answer: a pass key among differently named codes, a key-value lookup, or a sentence to quote word for word.
+    -> (document, question, answer)."""
     key_format = rng.choice([lambda: str(rng.randint(10000, 99999)), lambda: str(rng.randint(10**6, 10**7 - 1)),
                              lambda: f"{rng.choice('ABCDEFGHJK')}{rng.randint(100, 999)}-{rng.randint(1000, 9999)}"])
     length = n_ctx * L + D + 64  # enough that the prompt yields n_ctx whole chunks before the running text
@@ -146,17 +154,23 @@ def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0):
     text = tokenizer.decode(filler[start:start + length])
     in_context = int(len(text) * n_ctx * L / length)  # facts go into the context chunks, never the running text
     cuts = sorted(rng.randrange(in_context) for _ in range(rng.choice([1, 1, 2, 3])))
-    if rng.random() < 0.5:  # pass key
+    task = rng.random()
+    if task < 0.4:  # pass key
         key = key_format()
         facts = [rng.choice(NEEDLES[split]).format(key=key)] + [
             rng.choice(NEEDLES[split]).format(key=key_format()) for _ in cuts[1:]]
         facts = facts[:1] + [f.replace("pass key", "backup code") for f in facts[1:]]  # distractors: other names
         question, answer = rng.choice(QUESTIONS[split]), f"The pass key is {key}."
-    else:  # several named facts: a key-value lookup
+    elif task < 0.7:  # several named facts: a key-value lookup
         names, thing = rng.sample(NAMES, len(cuts)), rng.choice(THINGS)
         keys = [key_format() for _ in cuts]
         facts = [rng.choice(FACTS[split]).format(thing=thing, name=n, key=k) for n, k in zip(names, keys)]
         question, answer = f"What is the {thing} of {names[0]}?", f"The {thing} of {names[0]} is {keys[0]}."
+    else:  # a fact to quote: the answer is the hidden sentence itself
+        names = rng.sample(NAMES, len(cuts))
+        facts = [rng.choice(QUOTES[split]).format(name=n, item=rng.choice(ITEMS), place=rng.choice(PLACES))
+                 for n in names]
+        question, answer = rng.choice(QUOTE_QUESTIONS[split]).format(name=names[0]), facts[0]
     order = list(range(len(cuts)))
     rng.shuffle(order)
     for cut, i in sorted(zip(cuts, order), reverse=True):

@@ -2,6 +2,7 @@
 data-parallel equivalence, bad inputs."""
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 import sharedllm
 import train
 from load_llama import load_adapter, load_llama
-from conftest import tiny_with_real_tokenizer
+from conftest import pydoc_text, tiny_with_real_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,6 +106,23 @@ def test_qa_loss_counts_response_tokens_only_and_query_is_the_last_prompt_token(
     kept = targets[targets != -100].tolist()
     assert kept == ids[answer_from:] and tok.decode(kept, skip_special_tokens=False) == "It is 42.<|im_end|>"
     assert running[query[1]] == ids[q1] and context.numel() == n * 64
+
+
+def test_retrieval_samples_hide_their_answer_in_the_context_and_validation_wording_is_unseen(smollm2):
+    tok, questions, quotes = smollm2[1], {0: set(), 1: set()}, 0
+    filler = tok.encode(pydoc_text()[:200_000]).ids
+    for i in range(80):
+        split = i % 2
+        document, question, answer = train.retrieval_sample(random.Random(i), filler, tok, 2, 256, 128, split)
+        if "pass key" in question:
+            assert answer.startswith("The pass key is ") and answer[16:-1] in document
+            questions[split].add(question)
+        elif not question.startswith("What is the "):  # a sentence to quote, verbatim in the text
+            name = next(n for n in train.NAMES if n in question)
+            assert answer in document and name in answer
+            questions[split].add(question.replace(name, "X"))
+            quotes += 1
+    assert quotes >= 10 and questions[0] and questions[1] and not questions[0] & questions[1]
 
 
 def test_two_processes_equal_one_with_twice_the_accumulation(tiny, tmp_path):
