@@ -132,6 +132,7 @@ NEEDLES = [[NEEDLE, "Remember this pass key: {key}.", "Note that the pass key is
 QUESTIONS = [["What is the pass key?", "Which pass key was mentioned in the text?", "Tell me the pass key."],
              ["What pass key did the text give?", "Recall the pass key from the document."]]
 FACTS = [["The {thing} of {name} is {key}.", "{name}'s {thing} is {key}."], ["For {name}, the {thing} is {key}."]]
+LOOKUPS = [["What is the {thing} of {name}?", "Tell me {name}'s {thing}."], ["Which {thing} does {name} have?"]]
 THINGS, NAMES = ["locker code", "room number", "badge id", "account pin"], ["Ada", "Linus", "Grace", "Guido", "Alan",
                                                                            "Barbara", "Ken", "Margaret", "Dennis"]
 QUOTES = [["{name} left the {item} {place}.", "Yesterday {name} hid the {item} {place}."],
@@ -165,7 +166,8 @@ def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0):
         names, thing = rng.sample(NAMES, len(cuts)), rng.choice(THINGS)
         keys = [key_format() for _ in cuts]
         facts = [rng.choice(FACTS[split]).format(thing=thing, name=n, key=k) for n, k in zip(names, keys)]
-        question, answer = f"What is the {thing} of {names[0]}?", f"The {thing} of {names[0]} is {keys[0]}."
+        question = rng.choice(LOOKUPS[split]).format(thing=thing, name=names[0])
+        answer = f"The {thing} of {names[0]} is {keys[0]}."
     else:  # a fact to quote: the answer is the hidden sentence itself
         names = rng.sample(NAMES, len(cuts))
         facts = [rng.choice(QUOTES[split]).format(name=n, item=rng.choice(ITEMS), place=rng.choice(PLACES))
