@@ -166,7 +166,7 @@ def run_ppl(args, model, tokenizer):
     if not lengths:
         sys.exit(f"error: the text has only {len(ids)} tokens; give more text or shorter --lengths")
     ends = [rng.randrange(max(lengths), len(ids) + 1) for _ in range(args.windows)]
-    losses = {}
+    losses, window_loss = {}, {}  # window: X_D alone, the same last 4096 tokens at every length from 8K on
     for T in lengths:
         D = T - (T - min(4096, T // 2)) // L * L  # the context is whole chunks; X_D takes the rest
         run = [m for m in modes if {"full": T <= args.full_max, "other": 4 * T <= len(ids)}.get(m, True)]
@@ -179,11 +179,15 @@ def run_ppl(args, model, tokenizer):
             for mode in run:
                 if mode == "full":
                     loss = model(window[:, :-1], targets[:, 1:])[1]
+                elif mode == "window" and (end, D) in window_loss:  # computed at a shorter length already
+                    loss = window_loss[(end, D)]
                 else:  # control "other": the context of a place half the text away, so no help but its style
                     far = (end - T + len(ids) // 2) % (len(ids) - T + 1)
                     context = window[:, :T - D] if mode == "sharedllm" else torch.tensor([ids[far:far + T - D]])
                     memory = model.encode_context(context.to(window.device)) if mode != "window" else None
                     loss = model(window[:, T - D:-1], targets[:, T - D + 1:], memory=memory)[1]
+                    if mode == "window":
+                        window_loss[(end, D)] = loss
                 losses.setdefault((T, mode), []).append(loss.item())
             print(f"{T} ending at {end}: " + ", ".join(f"{m} {math.exp(losses[(T, m)][-1]):.3f}" for m in modes
                                                        if (T, m) in losses), file=sys.stderr)
