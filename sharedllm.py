@@ -39,7 +39,8 @@ class Config:
     bos_id: int | None = None
     eos_ids: tuple = ()
     # SharedLLM (DESIGN.md Sec. 2)
-    n_inject: int = 4  # M: bottom layers that encode the context and cross-attend to it
+    n_inject: int | None = None  # M: bottom layers that encode the context and cross-attend to it; None: 4
+    # (or all layers of a shallower model)
     chunk_len: int = 1024  # L: context tokens per tree
     tree_depth: int = 3  # h
     finest_stride: int = 4  # stride of the deepest level; each level above doubles it (16, 8, 4)
@@ -48,6 +49,7 @@ class Config:
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
+        self.n_inject = self.n_inject or min(4, self.n_layers)  # a plain Llama of any depth loads
         assert self.n_heads % self.n_kv_heads == 0, \
             f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (grouped-query attention)"
         assert self.head_dim % 2 == 0, f"RoPE rotates pairs of dimensions: head_dim={self.head_dim} must be even"

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import TINY, make_tiny_checkpoint
-from load_llama import load_llama
+from load_llama import LoadError, load_llama
 from sharedllm import Config, KVCache, Transformer, apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -41,6 +41,22 @@ def test_legacy_rope_config_keys(tmp_path):
     with torch.no_grad():
         diff = (model(tokens) - hf_model(folder)(tokens).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_a_llama_shallower_than_the_default_m_loads(tmp_path, layers):
+    """Tiny checkpoints often have 2-3 layers: a plain Llama loads at any depth (M = all its layers); only asking
+    for SharedLLM with more injection layers than there are is an error."""
+    folder = make_tiny_checkpoint(tmp_path / "shallow", num_hidden_layers=layers, num_attention_heads=4,
+                                  num_key_value_heads=2)
+    model = load_llama(folder)[0]
+    assert model.cfg.n_inject == layers
+    tokens = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        assert (model(tokens) - hf_model(folder)(tokens).logits).abs().max().item() <= 1e-4
+    assert load_llama(folder, n_inject=1)[0].cfg.n_inject == 1
+    with pytest.raises(LoadError, match=f"n_inject=4 must be in 1..n_layers={layers}"):
+        load_llama(folder, n_inject=4)
 
 
 def test_loss_is_mean_cross_entropy_and_skips_minus_100(tiny_checkpoints):
