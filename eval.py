@@ -21,7 +21,8 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 import tree
-from generate import NEEDLE, at_least, checked, format_input, generate, layout, load_model, pass_key_prefix, prepare
+from generate import (DTYPES, NEEDLE, at_least, checked, dtype_name, format_input, generate, layout, load_model,
+                      pass_key_prefix, pick_dtype, prepare)
 from load_llama import LoadError
 from train import builtin_docs, held_out_code
 
@@ -39,7 +40,7 @@ def command(name, helptext, lengths=None, modes=None):
     p.add_argument("--adapter", default="auto", help="trained weights; 'none': gates at 0; 'auto': the shipped one")
     p.add_argument("--seed", type=int, default=0, help="where windows, keys and offsets are drawn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and activations")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights and activations (auto: bf16 where fast)")
     if lengths:
         p.add_argument("--lengths", nargs="+", type=at_least(1), default=lengths, help="input lengths in tokens")
         p.add_argument("--modes", nargs="+", choices=MODES + ["other"] * (name == "ppl"), default=modes,
@@ -98,12 +99,13 @@ def table(title, header, rows):
 
 def run_speed(args, model, tokenizer):
     device, dtype = model.output.weight.device, model.output.weight.dtype
+    name = dtype_name(dtype)
     cfg, L = model.cfg, model.cfg.chunk_len
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     question = tokenizer.encode("\n\nQuestion: what is this text about? Answer:").ids
     ids = text_tokens(tokenizer, max(args.lengths))
     peak_rate = matmul_rate(device, dtype)
-    print(f"{args.dtype} matmul: {peak_rate / 1e12:.2f} TFLOP/s; {torch.get_num_threads()} threads", file=sys.stderr)
+    print(f"{name} matmul: {peak_rate / 1e12:.2f} TFLOP/s; {torch.get_num_threads()} threads", file=sys.stderr)
 
     # 1. Tree FLOPs per chunk (matmuls, counted by torch on a 4-chunk context: every chunk costs the same at
     # inference) and of the query pass, to turn tree time into achieved FLOP/s.
@@ -145,7 +147,7 @@ def run_speed(args, model, tokenizer):
 
     # 4. The table, with each length's speed-up of sharedllm over full attention.
     full = {r[0]: r[-1] for r in rows if r[1] == "full"}
-    table(f"{args.dtype}, {torch.get_num_threads()} threads on {device.type}; matmul peak {peak_rate / 1e12:.2f} "
+    table(f"{name}, {torch.get_num_threads()} threads on {device.type}; matmul peak {peak_rate / 1e12:.2f} "
           f"TFLOP/s (start) / {matmul_rate(device, dtype) / 1e12:.2f} (end); {args.new_tokens} new tokens",
           ["tokens", "mode", "chunks", "running", "tree s", "prefill s", "decode tok/s", "total s", "peak MB",
            "tree % of peak", "full / sharedllm"],
@@ -299,12 +301,12 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:  # before the sweep
         sys.exit("error: --plot needs matplotlib (pip install matplotlib); or run without --plot for the table")
+    dtype, why = pick_dtype(args.dtype, args.device)
     try:
-        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device),
-                                               getattr(torch, args.dtype))
+        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device), dtype)
     except LoadError as e:
         sys.exit(f"error: {e}")
-    print(f"adapter: {adapter}", file=sys.stderr)
+    print(f"adapter: {adapter}; {dtype_name(dtype)} ({why})", file=sys.stderr)
     torch.set_grad_enabled(False)  # measurement only
     {"speed": run_speed, "descent": run_descent, "ppl": run_ppl, "passkey": run_passkey}[args.command](
         args, model, tokenizer)

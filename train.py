@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from generate import NEEDLE, at_least, checked, format_input
+from generate import DTYPES, NEEDLE, at_least, checked, dtype_name, format_input, pick_dtype
 from load_llama import LoadError, load_adapter, load_llama
 
 FRACTION = checked(float, lambda x: 0 <= x <= 1, "must be a fraction from 0 to 1")
@@ -37,7 +37,7 @@ parser.add_argument("--out", default="out", help="folder for checkpoints and the
 parser.add_argument("--seq", type=at_least(2), default=8192, help="tokens per language-modelling sequence")
 parser.add_argument("--chunk", type=at_least(1), default=1024, help="L: context chunk length")
 parser.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens")
-parser.add_argument("--n_inject", type=int, default=4, help="M: injection layers")
+parser.add_argument("--n_inject", type=at_least(1), help="M: injection layers (default 4, or the model's depth)")
 parser.add_argument("--finest_stride", type=at_least(1), default=4, help="keep every s-th token of the finest nodes")
 parser.add_argument("--tune", default="xattn", choices=["xattn", "top", "all"],
                     help="xattn: cross-attention + gates; top: also layers M..N-1; all: the whole model")
@@ -53,7 +53,8 @@ parser.add_argument("--weight_decay", type=at_least(0, float), default=0.0, help
 parser.add_argument("--warmup", type=at_least(0), default=10, help="linear warm-up steps, then cosine to 10%%")
 parser.add_argument("--clip", type=checked(float, lambda x: x > 0, "must be positive"), default=1.0,
                     help="gradient norm clipping")
-parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast compute dtype")
+parser.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype: bfloat16 autocast over fp32 "
+                    "weights, or float32; auto: bfloat16 on CUDA and on CPUs with native bf16 matmuls")
 parser.add_argument("--checkpointing", action="store_true", help="recompute activations in backward (less memory)")
 parser.add_argument("--seed", type=int, default=0, help="data order, split noise and generated samples")
 parser.add_argument("--save_every", type=at_least(1), default=50, help="checkpoint every N steps (and at the end)")
@@ -216,7 +217,10 @@ def main(argv=None):
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    dtype, why = pick_dtype(args.dtype, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    if rank == 0:
+        print(f"compute dtype: {dtype_name(dtype)} ({why})", file=sys.stderr)
     out = Path(args.out)
 
     # 1. Model: fp32 master weights; only the chosen part trains. The lower pass runs under no_grad.
@@ -230,7 +234,11 @@ def main(argv=None):
             model.cfg.finest_stride, model.cfg.policy = args.finest_stride, args.policy  # this run's tree
     except LoadError as e:
         sys.exit(f"error: {e}")
-    cfg, M = model.cfg, args.n_inject
+    cfg, M = model.cfg, model.cfg.n_inject
+    if D > cfg.max_seq_len and rank == 0:
+        print(f"warning: --running {D} is longer than the model's window of {cfg.max_seq_len} tokens, so the upper "
+              f"model reads positions it was never trained on; use --running {cfg.max_seq_len} or less (the rest of "
+              f"--seq goes to the tree)", file=sys.stderr)
     model.checkpointing = args.checkpointing
     for name, p in model.named_parameters():
         layer = int(name.split(".")[1]) if name.startswith("layers.") else -1

@@ -10,7 +10,7 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 from safetensors.torch import save_file
 
-from generate import format_input, layout, pass_key_prefix, prepare, sample
+from generate import SHIPPED_ADAPTER, format_input, layout, load_model, pass_key_prefix, pick_dtype, prepare, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +57,46 @@ def test_the_pass_key_prompt_ends_where_the_trained_answer_has_its_digits(smollm
     assert answer[:len(prompt)] == prompt and tok.decode(answer[len(prompt):len(prompt) + 1]) == "6"
 
 
+def native_bf16_flags() -> bool | None:
+    """What the kernel says about this CPU (None off Linux): does it have AVX512-BF16 or AMX-BF16?"""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def test_dtype_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
+    assert pick_dtype("float32", "cpu") == (torch.float32, "--dtype")  # forced, whatever the CPU
+    assert pick_dtype("bfloat16", "cpu") == (torch.bfloat16, "--dtype")
+    dtype, why = pick_dtype("auto", "cpu")
+    if native_bf16_flags() is not None:  # an oracle independent of torch: the kernel's CPU flags
+        assert (dtype == torch.bfloat16) == native_bf16_flags(), why
+    assert why.startswith("auto: the CPU")
+    for amx, avx512_bf16, expected in [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                       (False, True, torch.bfloat16), (True, True, torch.bfloat16)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        dtype, why = pick_dtype("auto", torch.device("cpu"))
+        assert dtype == expected and why.startswith("auto: the CPU has native") == (expected == torch.bfloat16), why
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert pick_dtype("auto", "cuda") == (torch.bfloat16, "auto: CUDA")  # only asks torch; allocates nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_shipped_bf16_adapter_loads_into_a_model_of_either_dtype(smollm2, dtype):
+    from safetensors.torch import load_file
+    shipped = load_file(SHIPPED_ADAPTER)
+    assert {t.dtype for t in shipped.values()} == {torch.bfloat16}  # the file is bf16
+    model, _, adapter = load_model("smollm2-135m", "auto", "cpu", dtype)
+    assert adapter == str(SHIPPED_ADAPTER)
+    params = model.state_dict()
+    assert {p.dtype for p in params.values()} == {dtype}
+    for name, tensor in shipped.items():
+        assert torch.equal(params[name], tensor.to(dtype)), name  # bf16 -> fp32 is exact
+    assert model.layers[2].cross_attention.gate.item() != 0  # trained gates, not the zeros of a fresh model
+
+
 def test_sampling():
     logits = torch.tensor([0.1, 3.0, 0.2, 2.9])
     g = torch.Generator().manual_seed(0)
@@ -80,7 +120,7 @@ def test_cli_stdout_is_only_the_generated_text(smollm2, tmp_path):
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert out.stdout == tok.decode(ids[-8:]) + "\n"
-    assert "0 chunks" in out.stderr and "decode" in out.stderr
+    assert "0 chunks" in out.stderr and "decode" in out.stderr and "; float32 (--dtype)" in out.stderr
 
 
 def long_text(n_tokens_approx=10_000):
@@ -165,8 +205,10 @@ def test_cli_bad_input(tmp_path, case):
         assert "Traceback" not in out.stderr and out.stdout.strip()
         if case == "not_utf8":
             assert "not valid UTF-8" in out.stderr
-        else:
+        else:  # no --dtype: the report names the dtype auto chose, and why
             assert "Paris" in out.stdout
+            dtype, why = pick_dtype("auto", "cpu")
+            assert f"; {str(dtype)[6:]} ({why})" in out.stderr.splitlines()[-1], out.stderr
         return
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import sharedllm
 import train
+from generate import pick_dtype
 from load_llama import load_adapter, load_llama
 from conftest import pydoc_text, tiny_with_real_tokenizer
 
@@ -182,6 +183,18 @@ def test_bad_numbers_stop_before_anything_loads(flag, value, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.main([flag, value])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_running_text_longer_than_the_window_is_warned_about_and_the_dtype_reported(tiny, tmp_path, capsys):
+    train.main(base_args(tiny, tmp_path, "--steps", "1", "--grad_accum", "1", "--val", "0") +
+               ["--running", "576", "--seq", "640"])  # the tiny model's window: 512
+    err = capsys.readouterr().err
+    assert "warning: --running 576 is longer than the model's window of 512 tokens" in err
+    dtype, why = pick_dtype("auto", "cpu")
+    assert f"compute dtype: {str(dtype)[6:]} ({why})" in err
+    train.main(base_args(tiny, tmp_path, "--steps", "1", "--grad_accum", "1", "--val", "0", "--dtype", "float32"))
+    err = capsys.readouterr().err
+    assert "warning" not in err and "compute dtype: float32 (--dtype)" in err
 
 
 def test_init_starts_from_a_trained_adapter(tiny, tmp_path):
