@@ -195,9 +195,17 @@ class Memory:
     k: list  # M x (B, Hkv, S, D): layer j's own pre-RoPE keys, rotated by chunk index (Eq. 2)
     v: list  # M x (B, Hkv, S, D)
     mask: torch.Tensor | None  # (B, S) True on real entries; None when no sequence is padded
-    cos: torch.Tensor  # (B, 1, D): every query of sequence b is rotated at position n_b, its chunk count
+    cos: torch.Tensor  # (B, 1, D): queries of sequence b rotate one past its last chunk: n_b, its chunk count
     sin: torch.Tensor
     trees: list  # per sequence, per chunk: the preserved tree.Node list (for inspection, e.g. --show_tree)
+
+
+@dataclass
+class Pool:
+    """Chunks encoded once by `Transformer.encode_pool`, read by `memory_from_pool`."""
+    tokens: torch.Tensor  # (P, L)
+    states: list  # per level d: (P, 2**d, L / 2**d, C), layer 0 + final norm of each candidate node
+    kv: list  # per level d, per layer j < M: (k, v), each (P, 2**d, Hkv, E_d, D), pre-RoPE, strided
 
 
 class CrossAttention(nn.Module):
@@ -366,9 +374,9 @@ class Transformer(nn.Module):
         context: B token tensors, each a whole number (>= 1) of L-token chunks, or a (B, n*L) tensor.
         query: None for the right policy (language modelling); else per sequence a state (C,) for the paper's
         cosine policy or a block (q, C) for MaxSim, taken from query_states. chunk_positions: per sequence each
-        chunk's position id (default 0..n-1). generator: split noise (training); None splits at exact halves.
+        chunk's position id (default 0..n-1; the queries sit one past the largest). generator: split noise (training); None splits at exact halves.
         group: chunks per lower-pass batch, which bounds memory for any context length."""
-        cfg, M = self.cfg, self.cfg.n_inject
+        cfg = self.cfg
         seqs = [tree.chunks(c, cfg.chunk_len) for c in context]  # B x (n_b, L)
         assert all(len(c) > 0 for c in seqs), "every sequence needs at least one context chunk"
         flat = torch.cat(seqs)
@@ -383,26 +391,81 @@ class Transformer(nn.Module):
             kv += group_kv
             bar.update(len(group_nodes))
         bar.close()
-        # 2. Per sequence: concatenate its trees in text order, rotate tree i's keys at its position (Eq. 2).
-        inv_freq, ks, vs, first = rope_inv_freq(cfg, flat.device), [[] for _ in range(M)], [[] for _ in range(M)], 0
-        for b, c in enumerate(seqs):
-            mine = range(first, first + len(c))
-            first += len(c)
-            pos_ids = chunk_positions[b] if chunk_positions is not None else range(len(c))
+        return self.assemble(nodes, kv, [len(c) for c in seqs], chunk_positions)
+
+    def assemble(self, nodes, kv, counts, chunk_positions=None) -> Memory:
+        """Chunks' kept nodes and per-layer (k, v) (Hkv, E, D), all sequences' chunks in order, counts[b] of
+        them for sequence b -> Memory: each sequence's trees concatenated, tree i's keys rotated at its position."""
+        cfg, M, device = self.cfg, self.cfg.n_inject, kv[0][0][0].device
+        # 1. Per sequence: concatenate its trees in text order, rotate tree i's keys at its position (Eq. 2).
+        inv_freq, ks, vs, first = rope_inv_freq(cfg, device), [[] for _ in range(M)], [[] for _ in range(M)], 0
+        for b, count in enumerate(counts):
+            mine = range(first, first + count)
+            first += count
+            pos_ids = chunk_positions[b] if chunk_positions is not None else range(count)
             positions = torch.cat([torch.full((kv[i][0][0].size(1),), p) for i, p in zip(mine, pos_ids)])
-            cos, sin = rope_cos_sin(inv_freq, positions.to(flat.device))
+            cos, sin = rope_cos_sin(inv_freq, positions.to(device))
             for j in range(M):
                 ks[j].append(apply_rope(torch.cat([kv[i][j][0] for i in mine], 1)[None], cos, sin)[0])
                 vs[j].append(torch.cat([kv[i][j][1] for i in mine], 1))
-        # 3. Pad the batch to its longest memory; queries of sequence b sit at position n_b.
+        # 2. Pad the batch to its longest memory; the queries of a sequence sit one past its last chunk (at n_b).
         lengths = torch.tensor([k.size(1) for k in ks[0]])
         mask = None if (lengths == lengths[0]).all() else torch.arange(int(lengths.max())) < lengths[:, None]
         k, v = ([pad([x.transpose(0, 1) for x in xs])[0].transpose(1, 2).contiguous() for xs in kvs]  # (B, Hkv, S, D)
                 for kvs in (ks, vs))  # contiguous: read once per decoded token, a strided view costs a copy each time
-        n = torch.tensor([[len(c)] for c in seqs], device=flat.device)
-        cos, sin = rope_cos_sin(inv_freq, n)  # (B, 1, D)
-        trees = [[nodes[i] for i in range(len(flat)) if owner[i] == b] for b in range(len(seqs))]
-        return Memory(k, v, None if mask is None else mask.to(flat.device), cos, sin, trees)
+        last = [max(chunk_positions[b]) if chunk_positions is not None else count - 1 for b, count in enumerate(counts)]
+        cos, sin = rope_cos_sin(inv_freq, torch.tensor([[p + 1] for p in last], device=device))  # (B, 1, D)
+        starts = [sum(counts[:b]) for b in range(len(counts))]
+        trees = [nodes[a:a + count] for a, count in zip(starts, counts)]
+        return Memory(k, v, None if mask is None else mask.to(device), cos, sin, trees)
+
+    # -------------------------------------------------------------------------
+    # A pool of chunks encoded once (DESIGN Sec. 11): the lower layers are frozen and each node is its own sequence,
+    # so a chunk's memory is a pure function of its tokens and its descent. Training reads the same distractor
+    # chunks in many samples; encoding every node a descent can keep lets a 124-chunk sample skip 123 lower passes.
+
+    @torch.no_grad()
+    def encode_pool(self, chunks, group: int = 16) -> Pool:
+        """(P, L) chunks -> Pool: every node a descent at exact halves can keep (level d: 2**d nodes of L / 2**d
+        tokens per chunk), through the lower pass, with the states the policies compare."""
+        cfg, P, L = self.cfg, *chunks.shape
+        strides, states, kv = tree.strides(cfg.tree_depth, cfg.finest_stride), [], []
+        for d in range(1, cfg.tree_depth + 1):
+            parts = []
+            for g in range(0, P, group):  # all candidates of a level have one length: no padding
+                nodes = chunks[g:g + group].reshape(-1, L >> d)  # (G * 2**d, l)
+                normed, x1 = self.layer0_states(nodes)
+                parts.append((normed, self.lower(nodes, strides[d - 1], x1)))
+            states.append(torch.cat([n for n, _ in parts]).unflatten(0, (P, 2 ** d)))  # (P, 2**d, l, C)
+            kv.append([tuple(torch.cat([lkv[j][t] for _, lkv in parts]).unflatten(0, (P, 2 ** d)) for t in (0, 1))
+                       for j in range(cfg.n_inject)])  # per layer: (P, 2**d, Hkv, E_d, D) each
+        return Pool(chunks, states, kv)
+
+    @torch.no_grad()
+    def memory_from_pool(self, pool: Pool, picks, query=None, chunk_positions=None) -> Memory:
+        """Memory of B sequences whose chunks are pool rows (picks: B lists of row indices), with no lower pass:
+        the descent reads the pool's states, the kept nodes' keys/values are gathered. The same memory as
+        encode_context on those chunks at exact halves (a test checks it)."""
+        cfg, device = self.cfg, pool.tokens.device
+        rows = torch.tensor([r for p in picks for r in p], device=device)
+        owner = [b for b, p in enumerate(picks) for _ in p]
+        index = lambda spans, level: torch.tensor([s // (cfg.chunk_len >> level) for s, _ in spans], device=device)
+
+        def choose(level, left, right):  # as encode_group's, on stored states
+            if query is None:
+                return tree.right_policy(len(rows))
+            states, q = pool.states[level - 1], torch.stack([query[b] for b in owner])
+            h_left, h_right = states[rows, index(left, level)], states[rows, index(right, level)]  # (n, l, C)
+            if q.dim() == 2:
+                return tree.cosine_policy(h_left[:, -1], h_right[:, -1], q)
+            every = torch.ones(h_left.shape[:2], dtype=torch.bool, device=device)
+            return tree.maxsim_policy(h_left, every, h_right, every, q)
+
+        nodes = tree.descend(len(rows), cfg.chunk_len, cfg.tree_depth, choose)
+        kv = [[tuple(torch.cat([pool.kv[n.level - 1][j][t][r, n.start // (cfg.chunk_len >> n.level)]
+                                for n in chunk_nodes], dim=1) for t in (0, 1)) for j in range(cfg.n_inject)]
+              for r, chunk_nodes in zip(rows.tolist(), nodes)]
+        return self.assemble(nodes, kv, [len(p) for p in picks], chunk_positions)
 
 
 def pad(rows):

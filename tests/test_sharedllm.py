@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import tree
-from sharedllm import Config, KVCache, Transformer
+from sharedllm import Config, KVCache, Transformer, rope_cos_sin, rope_inv_freq
 
 V, L = 101, 64
 
@@ -63,6 +63,24 @@ def test_permuting_chunks_with_their_positions_changes_nothing(seed, n, policy):
 
 
 @settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 4), shift=st.integers(1, 500))
+def test_the_query_sits_one_past_the_last_chunk_so_only_distances_matter(seed, n, shift):
+    """Chunk positions shifted by a constant (as sampled positions do) leave every query-to-chunk distance, and so
+    the output, unchanged; gaps between chunks change it."""
+    model = tiny(seed % 5, gates=0.8)
+    torch.manual_seed(seed)
+    context, xd = torch.randint(0, V, (1, n * L)), torch.randint(0, V, (1, 12))
+    q = make_query(model, "cosine", xd)
+    shifted = model.encode_context(context, q, chunk_positions=[[i + shift for i in range(n)]])
+    assert torch.equal(shifted.cos, rope_cos_sin(rope_inv_freq(model.cfg), torch.tensor([[n + shift]]))[0])
+    with torch.no_grad():
+        base = model(xd, memory=model.encode_context(context, q))
+        assert torch.allclose(model(xd, memory=shifted), base, atol=1e-4)
+        gaps = model.encode_context(context, q, chunk_positions=[[i * (shift + 1) for i in range(n)]])
+        assert n == 1 or (model(xd, memory=gaps) - base).abs().max() > 1e-3
+
+
+@settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), T=st.integers(2, 40), data=st.data())
 def test_cached_decoding_with_fixed_memory_equals_recomputing(seed, T, data):
     model = tiny(seed % 5, gates=0.7)
@@ -110,6 +128,28 @@ def test_group_size_and_padded_nodes_change_nothing():
         alone = model.lower(context[:, c * L + node.start:c * L + node.end], strides[node.level - 1])
         e = len(tree.kept_positions(node, strides))
         assert torch.allclose(b.v[1][0, :, start:start + e], alone[1][1][0], atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), counts=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+       policy=st.sampled_from(["right", "cosine", "maxsim"]), stride=st.sampled_from([1, 4]), moved=st.booleans())
+def test_memory_from_the_pool_equals_encode_context(seed, counts, policy, stride, moved):
+    """Sequences made of pool chunks (repeats allowed, at any chunk positions): the memory gathered from the pool
+    equals encode_context on the same tokens, node for node."""
+    model = tiny(seed % 5, finest_stride=stride)
+    rng = torch.Generator().manual_seed(seed)
+    pool_chunks = torch.randint(0, V, (6, L), generator=rng)
+    picks = [torch.randint(0, 6, (n,), generator=rng).tolist() for n in counts]
+    positions = [sorted(torch.randperm(300, generator=rng)[:n].tolist()) for n in counts] if moved else None
+    xd = torch.randint(0, V, (len(counts), 20), generator=rng)
+    query = make_query(model, policy, xd)
+    want = model.encode_context([pool_chunks[p].reshape(-1) for p in picks], query, chunk_positions=positions)
+    got = model.memory_from_pool(model.encode_pool(pool_chunks, group=4), picks, query, positions)
+    assert got.trees == want.trees
+    assert (got.mask is None) == (want.mask is None) and (got.mask is None or torch.equal(got.mask, want.mask))
+    assert torch.equal(got.cos, want.cos) and torch.equal(got.sin, want.sin)
+    for a, b in zip(got.k + got.v, want.k + want.v):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
 
 
 def test_layer0_reuse_equals_recomputing():
