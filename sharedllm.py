@@ -425,20 +425,23 @@ class Transformer(nn.Module):
     # chunks in many samples; encoding every node a descent can keep lets a 124-chunk sample skip 123 lower passes.
 
     @torch.no_grad()
-    def encode_pool(self, chunks, group: int = 16) -> Pool:
+    def encode_pool(self, chunks, group: int = 16, progress: bool = False) -> Pool:
         """(P, L) chunks -> Pool: every node a descent at exact halves can keep (level d: 2**d nodes of L / 2**d
         tokens per chunk), through the lower pass, with the states the policies compare."""
         cfg, P, L = self.cfg, *chunks.shape
         strides, states, kv = tree.strides(cfg.tree_depth, cfg.finest_stride), [], []
+        bar = tqdm(total=P * cfg.tree_depth, desc="chunk pool", unit="chunk", disable=not progress, leave=False)
         for d in range(1, cfg.tree_depth + 1):
             parts = []
             for g in range(0, P, group):  # all candidates of a level have one length: no padding
+                bar.update(len(chunks[g:g + group]))
                 nodes = chunks[g:g + group].reshape(-1, L >> d)  # (G * 2**d, l)
                 normed, x1 = self.layer0_states(nodes)
                 parts.append((normed, self.lower(nodes, strides[d - 1], x1)))
             states.append(torch.cat([n for n, _ in parts]).unflatten(0, (P, 2 ** d)))  # (P, 2**d, l, C)
             kv.append([tuple(torch.cat([lkv[j][t] for _, lkv in parts]).unflatten(0, (P, 2 ** d)) for t in (0, 1))
                        for j in range(cfg.n_inject)])  # per layer: (P, 2**d, Hkv, E_d, D) each
+        bar.close()
         return Pool(chunks, states, kv)
 
     @torch.no_grad()

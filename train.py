@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from generate import DTYPES, NEEDLE, at_least, checked, dtype_name, format_input, pick_dtype
 from load_llama import LoadError, load_adapter, load_llama
+from sharedllm import Pool
 
 FRACTION = checked(float, lambda x: 0 <= x <= 1, "must be a fraction from 0 to 1")
 parser = argparse.ArgumentParser(description="Train SharedLLM's cross-attention (and optionally more).")
@@ -43,6 +44,13 @@ parser.add_argument("--tune", default="xattn", choices=["xattn", "top", "all"],
                     help="xattn: cross-attention + gates; top: also layers M..N-1; all: the whole model")
 parser.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"], help="query-aware descent (QA)")
 parser.add_argument("--retrieval", type=FRACTION, default=0.5, help="share of generated retrieval samples (built-in)")
+parser.add_argument("--max_chunks", type=at_least(1), help="most context chunks of a retrieval sample (default: "
+                    "what --seq holds); more than --seq holds is cheap with --pool")
+parser.add_argument("--min_chunks", type=at_least(1), default=1, help="fewest context chunks of a retrieval sample")
+parser.add_argument("--pool", type=at_least(0), default=0, help="retrieval samples take their filler chunks from a "
+                    "pool of this many, encoded once (exact halves, no split noise); 0: every chunk per sample")
+parser.add_argument("--positions", type=at_least(0), default=0, help="place a retrieval sample's n chunks at sorted "
+                    "random positions below this (PoSE-style: few chunks, far distances); 0: positions 0..n-1")
 parser.add_argument("--steps", type=at_least(1), default=300, help="optimizer steps")
 parser.add_argument("--grad_accum", type=at_least(1), default=4, help="sequences per step and process")
 parser.add_argument("--lr", type=at_least(0, float), default=1e-3,
@@ -145,35 +153,42 @@ PLACES = ["under the third stair", "behind the blue door", "in the north tower",
           "inside the piano", "on the top shelf of the library"]
 
 
+def key_formatter(rng):
+    return rng.choice([lambda: str(rng.randint(10000, 99999)), lambda: str(rng.randint(10**6, 10**7 - 1)),
+                       lambda: f"{rng.choice('ABCDEFGHJK')}{rng.randint(100, 999)}-{rng.randint(1000, 9999)}"])
+
+
+def retrieval_task(rng, key_format, n_facts, split):
+    """n_facts sentences to hide, a question about the first, its answer -> (facts, question, answer)."""
+    task = rng.random()
+    if task < 0.4:  # pass key
+        key = key_format()
+        facts = [rng.choice(NEEDLES[split]).format(key=key)] + [
+            rng.choice(NEEDLES[split]).format(key=key_format()) for _ in range(n_facts - 1)]
+        facts = facts[:1] + [f.replace("pass key", "backup code") for f in facts[1:]]  # distractors: other names
+        return facts, rng.choice(QUESTIONS[split]), f"The pass key is {key}."
+    if task < 0.7:  # several named facts: a key-value lookup
+        names, thing = rng.sample(NAMES, n_facts), rng.choice(THINGS)
+        keys = [key_format() for _ in range(n_facts)]
+        facts = [rng.choice(FACTS[split]).format(thing=thing, name=n, key=k) for n, k in zip(names, keys)]
+        question = rng.choice(LOOKUPS[split]).format(thing=thing, name=names[0])
+        return facts, question, f"The {thing} of {names[0]} is {keys[0]}."
+    names = rng.sample(NAMES, n_facts)  # a fact to quote: the answer is the hidden sentence itself
+    facts = [rng.choice(QUOTES[split]).format(name=n, item=rng.choice(ITEMS), place=rng.choice(PLACES)) for n in names]
+    return facts, rng.choice(QUOTE_QUESTIONS[split]).format(name=names[0]), facts[0]
+
+
 def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0):
     """A long document of real text with one or several facts hidden at random depths; a question about one;
     its answer: a pass key among differently named codes, a key-value lookup, or a sentence to quote word for word.
     -> (document, question, answer)."""
-    key_format = rng.choice([lambda: str(rng.randint(10000, 99999)), lambda: str(rng.randint(10**6, 10**7 - 1)),
-                             lambda: f"{rng.choice('ABCDEFGHJK')}{rng.randint(100, 999)}-{rng.randint(1000, 9999)}"])
+    key_format = key_formatter(rng)
     length = n_ctx * L + D + 64  # enough that the prompt yields n_ctx whole chunks before the running text
     start = rng.randrange(len(filler) - length)
     text = tokenizer.decode(filler[start:start + length])
     in_context = int(len(text) * n_ctx * L / length)  # facts go into the context chunks, never the running text
     cuts = sorted(rng.randrange(in_context) for _ in range(rng.choice([1, 1, 2, 3])))
-    task = rng.random()
-    if task < 0.4:  # pass key
-        key = key_format()
-        facts = [rng.choice(NEEDLES[split]).format(key=key)] + [
-            rng.choice(NEEDLES[split]).format(key=key_format()) for _ in cuts[1:]]
-        facts = facts[:1] + [f.replace("pass key", "backup code") for f in facts[1:]]  # distractors: other names
-        question, answer = rng.choice(QUESTIONS[split]), f"The pass key is {key}."
-    elif task < 0.7:  # several named facts: a key-value lookup
-        names, thing = rng.sample(NAMES, len(cuts)), rng.choice(THINGS)
-        keys = [key_format() for _ in cuts]
-        facts = [rng.choice(FACTS[split]).format(thing=thing, name=n, key=k) for n, k in zip(names, keys)]
-        question = rng.choice(LOOKUPS[split]).format(thing=thing, name=names[0])
-        answer = f"The {thing} of {names[0]} is {keys[0]}."
-    else:  # a fact to quote: the answer is the hidden sentence itself
-        names = rng.sample(NAMES, len(cuts))
-        facts = [rng.choice(QUOTES[split]).format(name=n, item=rng.choice(ITEMS), place=rng.choice(PLACES))
-                 for n in names]
-        question, answer = rng.choice(QUOTE_QUESTIONS[split]).format(name=names[0]), facts[0]
+    facts, question, answer = retrieval_task(rng, key_format, len(cuts), split)
     order = list(range(len(cuts)))
     rng.shuffle(order)
     for cut, i in sorted(zip(cuts, order), reverse=True):
@@ -181,15 +196,65 @@ def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0):
     return text, question, answer
 
 
+def pooled_sample(rng, filler, tokenizer, n_ctx, L, D, pool_size, split=0):
+    """A retrieval sample laid out chunk by chunk for training with a pool (DESIGN Sec. 11): chunk 0 (the chat
+    header and filler) and the chunks that hold a fact are fresh; every other chunk is a row of the filler pool.
+    -> (fresh chunks (k, L), the n_ctx chunks in order as pool rows or -1 for the next fresh one, the running
+    text's ids with the answer, question (first, last) and answer start in running-text coordinates)."""
+    key_format, n_facts = key_formatter(rng), rng.choice([1, 1, 2, 3])
+    facts, question, answer = retrieval_task(rng, key_format, n_facts, split)
+    text, span = format_input(tokenizer, "\x00", question)  # the chat format, split around the document
+    cut = text.index("\x00")
+    head, tail = tokenizer.encode(text[:cut]).ids, tokenizer.encode(text[cut + 1:], add_special_tokens=False)
+    homes = [rng.randrange(n_ctx) for _ in facts]  # the chunk each fact is hidden in
+    order, fresh = [], []
+    for c in range(n_ctx):
+        mine = [tokenizer.encode(f" {f} ", add_special_tokens=False).ids for f, h in zip(facts, homes) if h == c]
+        if c > 0 and not mine:
+            order.append(rng.randrange(pool_size))
+            continue
+        room = L - len(head) * (c == 0) - sum(map(len, mine))
+        assert room > 0, f"--chunk {L} cannot hold the facts of a retrieval sample; use a longer --chunk"
+        start = rng.randrange(len(filler) - room)
+        body = filler[start:start + room]
+        for ids in mine:  # each fact at a random token offset
+            at = rng.randrange(len(body) + 1)
+            body = body[:at] + ids + body[at:]
+        fresh.append(head * (c == 0) + body)
+        order.append(-1)
+    start = rng.randrange(len(filler) - D)
+    running = filler[start:start + D] + tail.ids  # the document's last D tokens, then the question
+    inside = [D + i for i, (a, b) in enumerate(tail.offsets) if a < span[1] - cut - 1 and b > span[0] - cut - 1]
+    return torch.tensor(fresh), order, running + response_ids(tokenizer, answer), (inside[0], inside[-1]), len(running)
+
+
+def sample_pool(pool, fresh, order) -> Pool:
+    """The pool rows and fresh chunks a pooled sample reads (order: a pool row, or -1 for the next fresh chunk), as
+    one Pool in chunk order."""
+    rows = torch.tensor([r for r in order if r >= 0], dtype=torch.long, device=pool.tokens.device)
+    index, pooled, new = [], 0, len(rows)
+    for r in order:  # where each chunk lands in torch.cat([pool rows, fresh rows])
+        index.append(pooled if r >= 0 else new)
+        pooled, new = pooled + (r >= 0), new + (r < 0)
+    index = torch.tensor(index, device=pool.tokens.device)
+    join = lambda a, b: torch.cat([a[rows], b.to(a.dtype)])[index]  # noqa: E731
+    return Pool(join(pool.tokens, fresh.tokens), [join(a, b) for a, b in zip(pool.states, fresh.states)],
+                [[(join(k, k2), join(v, v2)) for (k, v), (k2, v2) in zip(la, lb)] for la, lb in zip(pool.kv, fresh.kv)])
+
+
+def response_ids(tokenizer, response):
+    """The answer's tokens and the chat format's end-of-turn token."""
+    end = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|eot_id|>", "</s>") if tokenizer.token_to_id(t)]
+    return tokenizer.encode(response, add_special_tokens=False).ids + end[:1]
+
+
 def encode_qa(tokenizer, document, prompt, response, L, D):
     """Tokenise a QA sample -> (ids, n context chunks, first and last question token, first response token)."""
     text, span = format_input(tokenizer, document, prompt)
     enc = tokenizer.encode(text)
     inside = [i for i, (a, b) in enumerate(enc.offsets) if a < span[1] and b > span[0]]
-    end = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|eot_id|>", "</s>") if tokenizer.token_to_id(t)]
-    ids = enc.ids + tokenizer.encode(response, add_special_tokens=False).ids + end[:1]
     n = max((len(enc.ids) - D) // L, 0)
-    return ids, n, inside[0], inside[-1], len(enc.ids)
+    return enc.ids + response_ids(tokenizer, response), n, inside[0], inside[-1], len(enc.ids)
 
 
 def make_example(ids, n, L, q=None, answer_from=None):
@@ -259,6 +324,18 @@ def main(argv=None):
                  f"training and {args.val} held-out sequences of --seq {args.seq}; add text or lower --val/--seq")
     n_train = max(n_seq - args.val, 0)
     fillers = (stream[:n_train * args.seq], stream[n_train * args.seq:])  # retrieval filler: training / held out
+    max_chunks = args.max_chunks or (args.seq - D) // L
+    if args.min_chunks > max_chunks:
+        sys.exit(f"error: --min_chunks {args.min_chunks} is more than --max_chunks {max_chunks}; lower it")
+    pool = None
+    if args.pool and retrieval:  # rows at random offsets of the training filler, a pure function of the seed
+        starts = random.Random(f"{args.seed}/pool").choices(range(len(fillers[0]) - L), k=args.pool)
+        t = time.time()
+        with autocast:
+            pool = model.encode_pool(torch.tensor([fillers[0][s:s + L] for s in starts], device=device),
+                                     progress=rank == 0)
+        if rank == 0:
+            print(f"pool: {args.pool} filler chunks encoded in {time.time() - t:.0f} s", file=sys.stderr)
 
     def example(i, split=0):
         """Sample i, a pure function of (seed, i, split): resuming needs no saved random state."""
@@ -266,17 +343,23 @@ def main(argv=None):
         if qa and (not stream or rng.random() < len(qa) / (len(qa) + n_train)):
             prompt, response = qa[rng.randrange(len(qa))]
             ids, n, q0, q1, a = encode_qa(tokenizer, "", prompt, response, L, D)
-            return make_example(ids, n, L, (q0, q1), a)
+            return *make_example(ids, n, L, (q0, q1), a), None, None
         if rng.random() < retrieval:
-            n_ctx = rng.randint(1, (args.seq - D) // L)
-            doc, question, answer = retrieval_sample(rng, fillers[split], tokenizer, n_ctx, L, D, split)
-            ids, n, q0, q1, a = encode_qa(tokenizer, doc, question, answer, L, D)
-            return make_example(ids, n, L, (q0, q1), a)
+            n_ctx = rng.randint(args.min_chunks, max_chunks) if split == 0 else rng.randint(1, (args.seq - D) // L)
+            if pool is not None and split == 0:  # context: the fresh chunks only
+                fresh, order, ids, q, a = pooled_sample(rng, fillers[0], tokenizer, n_ctx, L, D, args.pool)
+                parts = (fresh.view(-1), *make_example(ids, 0, L, q, a)[1:])
+            else:
+                doc, question, answer = retrieval_sample(rng, fillers[split], tokenizer, n_ctx, L, D, split)
+                ids, n, q0, q1, a = encode_qa(tokenizer, doc, question, answer, L, D)
+                order, parts = None, make_example(ids, n, L, (q0, q1), a)
+            far = args.positions > n_ctx and split == 0  # Eq. 2's chunk positions, spread out (PoSE-style)
+            return *parts, order, sorted(rng.sample(range(args.positions), n_ctx)) if far else None
         j = rng.randrange(n_train) if split == 0 else n_train + i % args.val
-        return make_example(stream[j * args.seq:(j + 1) * args.seq], (args.seq - D) // L, L)
+        return *make_example(stream[j * args.seq:(j + 1) * args.seq], (args.seq - D) // L, L), None, None
 
     def loss_of(i, split=0, use_memory=True):
-        context, running, targets, query = example(i, split)
+        context, running, targets, query, order, positions = example(i, split)
         memory = None
         with autocast:
             if use_memory and context.numel():
@@ -284,8 +367,13 @@ def main(argv=None):
                 if query is not None:
                     states = model.query_states(running[None].to(device))[0]
                     q = states[query[1]][None] if args.policy == "cosine" else states[query[0]:query[1] + 1][None]
-                noise = torch.Generator().manual_seed(hash((args.seed, split, i)) % 2**63)
-                memory = model.encode_context(context[None].to(device), q, generator=noise if split == 0 else None)
+                if order is not None:  # fresh chunks through the lower pass, the others gathered from the pool
+                    mine = sample_pool(pool, model.encode_pool(context.view(-1, L).to(device)), order)
+                    memory = model.memory_from_pool(mine, [range(len(order))], q, [positions] if positions else None)
+                else:
+                    noise = torch.Generator().manual_seed(hash((args.seed, split, i)) % 2**63)
+                    memory = model.encode_context(context[None].to(device), q, generator=noise if split == 0 else None,
+                                                  chunk_positions=[positions] if positions else None)
             return model(running[None].to(device), targets[None].to(device), memory=memory)[1], running.numel()
 
     # 3. Optimizer: AdamW; the gates get their own, much larger learning rate: a tanh gate at 0 barely moves at

@@ -128,6 +128,49 @@ def test_retrieval_samples_hide_their_answer_in_the_context_and_validation_wordi
     assert quotes >= 10 and questions[0] and questions[1] and not questions[0] & questions[1]
 
 
+def test_pooled_samples_hide_their_facts_in_fresh_chunks(smollm2):
+    tok, L, D = smollm2[1], 256, 64
+    filler = tok.encode(pydoc_text()[:200_000]).ids
+    for i in range(40):
+        n_ctx = 1 + i % 7
+        fresh, order, ids, (q0, q1), a = train.pooled_sample(random.Random(i), filler, tok, n_ctx, L, D, 5)
+        assert len(order) == n_ctx and order[0] == -1 and all(r == -1 or 0 <= r < 5 for r in order)
+        assert fresh.shape == (order.count(-1), L)
+        assert tok.decode(fresh[0].tolist(), skip_special_tokens=False).startswith("<|im_start|>user\n")
+        answer, context = tok.decode(ids[a:]), tok.decode(fresh.view(-1).tolist())
+        assert answer in context or answer.split()[-1][:-1] in context, (answer, i)  # a quote, or a key: fresh
+        assert ids[q1 + 1] == tok.token_to_id("<|im_end|>") and tok.decode(ids[q0:q1 + 1]).strip()[-1] in "?."
+        assert q0 >= D and a == len(ids) - len(tok.encode(answer, add_special_tokens=False).ids) - 1
+
+
+def test_a_sample_pool_reads_like_encode_context_on_the_same_chunks():
+    from sharedllm import Config, Transformer
+    torch.manual_seed(0)
+    model = Transformer(Config(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96,
+                               n_inject=2, chunk_len=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.15)
+    rows, fresh = torch.randint(0, 101, (7, 64)), torch.randint(0, 101, (3, 64))
+    order = [-1, 4, 4, -1, 0, 6, -1]
+    query = model.query_states(torch.randint(0, 101, (1, 9)))[:, -4:]  # MaxSim
+    tokens = torch.cat([fresh[order[:i].count(-1)] if r < 0 else rows[r] for i, r in enumerate(order)])
+    want = model.encode_context(tokens[None], query, chunk_positions=[[1, 5, 6, 9, 20, 21, 30]])
+    pool = train.sample_pool(model.encode_pool(rows), model.encode_pool(fresh), order)
+    got = model.memory_from_pool(pool, [range(7)], query, [[1, 5, 6, 9, 20, 21, 30]])
+    assert got.trees == want.trees and torch.equal(got.cos, want.cos)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(got.k + got.v, want.k + want.v))
+
+
+def test_training_with_a_pool_and_spread_positions(tiny, tmp_path, capsys):
+    train.main(base_args(tiny, tmp_path, "--retrieval", "1.0", "--pool", "6", "--max_chunks", "9", "--positions",
+                         "30", "--steps", "2", "--grad_accum", "2", "--val", "1", "--policy", "maxsim"))
+    err = capsys.readouterr().err
+    assert "pool: 6 filler chunks encoded" in err and "validation loss" in err
+    losses = [float(x) for x in re.findall(r"step \d+ loss ([\d.]+)", err)]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses), err
+
+
 def test_two_processes_equal_one_with_twice_the_accumulation(tiny, tmp_path):
     common = base_args(tiny, tmp_path / "x", "--steps", "3", "--dtype", "float32", "--val", "0", "--retrieval", "0.5")
     single = common[:common.index("--out") + 1] + [str(tmp_path / "one")] + common[common.index("--out") + 2:]
