@@ -374,8 +374,8 @@ class Transformer(nn.Module):
         context: B token tensors, each a whole number (>= 1) of L-token chunks, or a (B, n*L) tensor.
         query: None for the right policy (language modelling); else per sequence a state (C,) for the paper's
         cosine policy or a block (q, C) for MaxSim, taken from query_states. chunk_positions: per sequence each
-        chunk's position id (default 0..n-1; the queries sit one past the largest). generator: split noise (training); None splits at exact halves.
-        group: chunks per lower-pass batch, which bounds memory for any context length."""
+        chunk's position id (default 0..n-1; the queries sit one past the largest). generator: split noise
+        (training); None splits at exact halves. group: chunks per lower-pass batch, which bounds memory."""
         cfg = self.cfg
         seqs = [tree.chunks(c, cfg.chunk_len) for c in context]  # B x (n_b, L)
         assert all(len(c) > 0 for c in seqs), "every sequence needs at least one context chunk"
@@ -445,29 +445,37 @@ class Transformer(nn.Module):
         return Pool(chunks, states, kv)
 
     @torch.no_grad()
-    def memory_from_pool(self, pool: Pool, picks, query=None, chunk_positions=None) -> Memory:
-        """Memory of B sequences whose chunks are pool rows (picks: B lists of row indices), with no lower pass:
-        the descent reads the pool's states, the kept nodes' keys/values are gathered. The same memory as
-        encode_context on those chunks at exact halves (a test checks it)."""
+    def memory_from_pool(self, pool: Pool, picks, query=None, chunk_positions=None, fresh=None) -> Memory:
+        """Memory of B sequences whose chunks are pool rows (picks: B lists of row indices; -1 takes the next row
+        of `fresh` (k, L), chunks encoded now). For pool rows there is no lower pass: the descent reads the pool's
+        states, the kept nodes' keys/values are gathered. The same memory as encode_context on those chunks at
+        exact halves (a test checks it)."""
         cfg, device = self.cfg, pool.tokens.device
-        rows = torch.tensor([r for p in picks for r in p], device=device)
-        owner = [b for b, p in enumerate(picks) for _ in p]
+        rows, owner = [r for p in picks for r in p], [b for b, p in enumerate(picks) for _ in p]
+        old, new = [i for i, r in enumerate(rows) if r >= 0], [i for i, r in enumerate(rows) if r < 0]
+        queries = None if query is None else torch.stack([query[owner[i]] for i in range(len(rows))])
+        at = torch.tensor([rows[i] for i in old], dtype=torch.long, device=device)
         index = lambda spans, level: torch.tensor([s // (cfg.chunk_len >> level) for s, _ in spans], device=device)
 
         def choose(level, left, right):  # as encode_group's, on stored states
             if query is None:
-                return tree.right_policy(len(rows))
-            states, q = pool.states[level - 1], torch.stack([query[b] for b in owner])
-            h_left, h_right = states[rows, index(left, level)], states[rows, index(right, level)]  # (n, l, C)
+                return tree.right_policy(len(old))
+            states, q = pool.states[level - 1], queries[old]
+            h_left, h_right = states[at, index(left, level)], states[at, index(right, level)]  # (n, l, C)
             if q.dim() == 2:
                 return tree.cosine_policy(h_left[:, -1], h_right[:, -1], q)
             every = torch.ones(h_left.shape[:2], dtype=torch.bool, device=device)
             return tree.maxsim_policy(h_left, every, h_right, every, q)
 
-        nodes = tree.descend(len(rows), cfg.chunk_len, cfg.tree_depth, choose)
-        kv = [[tuple(torch.cat([pool.kv[n.level - 1][j][t][r, n.start // (cfg.chunk_len >> n.level)]
-                                for n in chunk_nodes], dim=1) for t in (0, 1)) for j in range(cfg.n_inject)]
-              for r, chunk_nodes in zip(rows.tolist(), nodes)]
+        nodes, kv = [None] * len(rows), [None] * len(rows)
+        for i, chunk_nodes in zip(old, tree.descend(len(old), cfg.chunk_len, cfg.tree_depth, choose) if old else []):
+            nodes[i] = chunk_nodes
+            kv[i] = [tuple(torch.cat([pool.kv[n.level - 1][j][t][rows[i], n.start // (cfg.chunk_len >> n.level)]
+                                      for n in chunk_nodes], dim=1) for t in (0, 1)) for j in range(cfg.n_inject)]
+        if new:  # chunks seen once: only the nodes their descent keeps go through the lower pass
+            new_nodes, new_kv = self.encode_group(fresh, None if query is None else queries[new])
+            for r, i in enumerate(new):
+                nodes[i], kv[i] = new_nodes[r], new_kv[r]
         return self.assemble(nodes, kv, [len(p) for p in picks], chunk_positions)
 
 

@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from generate import DTYPES, NEEDLE, at_least, checked, dtype_name, format_input, pick_dtype
 from load_llama import LoadError, load_adapter, load_llama
-from sharedllm import Pool
 
 FRACTION = checked(float, lambda x: 0 <= x <= 1, "must be a fraction from 0 to 1")
 parser = argparse.ArgumentParser(description="Train SharedLLM's cross-attention (and optionally more).")
@@ -228,20 +227,6 @@ def pooled_sample(rng, filler, tokenizer, n_ctx, L, D, pool_size, split=0):
     return torch.tensor(fresh), order, running + response_ids(tokenizer, answer), (inside[0], inside[-1]), len(running)
 
 
-def sample_pool(pool, fresh, order) -> Pool:
-    """The pool rows and fresh chunks a pooled sample reads (order: a pool row, or -1 for the next fresh chunk), as
-    one Pool in chunk order."""
-    rows = torch.tensor([r for r in order if r >= 0], dtype=torch.long, device=pool.tokens.device)
-    index, pooled, new = [], 0, len(rows)
-    for r in order:  # where each chunk lands in torch.cat([pool rows, fresh rows])
-        index.append(pooled if r >= 0 else new)
-        pooled, new = pooled + (r >= 0), new + (r < 0)
-    index = torch.tensor(index, device=pool.tokens.device)
-    join = lambda a, b: torch.cat([a[rows], b.to(a.dtype)])[index]  # noqa: E731
-    return Pool(join(pool.tokens, fresh.tokens), [join(a, b) for a, b in zip(pool.states, fresh.states)],
-                [[(join(k, k2), join(v, v2)) for (k, v), (k2, v2) in zip(la, lb)] for la, lb in zip(pool.kv, fresh.kv)])
-
-
 def response_ids(tokenizer, response):
     """The answer's tokens and the chat format's end-of-turn token."""
     end = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|eot_id|>", "</s>") if tokenizer.token_to_id(t)]
@@ -367,9 +352,9 @@ def main(argv=None):
                 if query is not None:
                     states = model.query_states(running[None].to(device))[0]
                     q = states[query[1]][None] if args.policy == "cosine" else states[query[0]:query[1] + 1][None]
-                if order is not None:  # fresh chunks through the lower pass, the others gathered from the pool
-                    mine = sample_pool(pool, model.encode_pool(context.view(-1, L).to(device)), order)
-                    memory = model.memory_from_pool(mine, [range(len(order))], q, [positions] if positions else None)
+                if order is not None:  # pool rows gathered, the fresh chunks (context) through the lower pass
+                    memory = model.memory_from_pool(pool, [order], q, [positions] if positions else None,
+                                                    fresh=context.view(-1, L).to(device))
                 else:
                     noise = torch.Generator().manual_seed(hash((args.seed, split, i)) % 2**63)
                     memory = model.encode_context(context[None].to(device), q, generator=noise if split == 0 else None,

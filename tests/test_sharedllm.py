@@ -134,17 +134,20 @@ def test_group_size_and_padded_nodes_change_nothing():
 @given(seed=st.integers(0, 2**31), counts=st.lists(st.integers(1, 5), min_size=1, max_size=3),
        policy=st.sampled_from(["right", "cosine", "maxsim"]), stride=st.sampled_from([1, 4]), moved=st.booleans())
 def test_memory_from_the_pool_equals_encode_context(seed, counts, policy, stride, moved):
-    """Sequences made of pool chunks (repeats allowed, at any chunk positions): the memory gathered from the pool
-    equals encode_context on the same tokens, node for node."""
+    """Sequences made of pool chunks (repeats allowed) and fresh chunks (-1), at any chunk positions: the memory
+    gathered from the pool equals encode_context on the same tokens, node for node."""
     model = tiny(seed % 5, finest_stride=stride)
     rng = torch.Generator().manual_seed(seed)
     pool_chunks = torch.randint(0, V, (6, L), generator=rng)
-    picks = [torch.randint(0, 6, (n,), generator=rng).tolist() for n in counts]
+    picks = [torch.randint(-1, 6, (n,), generator=rng).tolist() for n in counts]
+    fresh = torch.randint(0, V, (sum(p.count(-1) for p in picks), L), generator=rng)
+    rows = iter(fresh)
+    tokens = [torch.cat([next(rows) if r < 0 else pool_chunks[r] for r in p]) for p in picks]
     positions = [sorted(torch.randperm(300, generator=rng)[:n].tolist()) for n in counts] if moved else None
     xd = torch.randint(0, V, (len(counts), 20), generator=rng)
     query = make_query(model, policy, xd)
-    want = model.encode_context([pool_chunks[p].reshape(-1) for p in picks], query, chunk_positions=positions)
-    got = model.memory_from_pool(model.encode_pool(pool_chunks, group=4), picks, query, positions)
+    want = model.encode_context(tokens, query, chunk_positions=positions)
+    got = model.memory_from_pool(model.encode_pool(pool_chunks, group=4), picks, query, positions, fresh=fresh)
     assert got.trees == want.trees
     assert (got.mask is None) == (want.mask is None) and (got.mask is None or torch.equal(got.mask, want.mask))
     assert torch.equal(got.cos, want.cos) and torch.equal(got.sin, want.sin)

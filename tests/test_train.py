@@ -143,25 +143,6 @@ def test_pooled_samples_hide_their_facts_in_fresh_chunks(smollm2):
         assert q0 >= D and a == len(ids) - len(tok.encode(answer, add_special_tokens=False).ids) - 1
 
 
-def test_a_sample_pool_reads_like_encode_context_on_the_same_chunks():
-    from sharedllm import Config, Transformer
-    torch.manual_seed(0)
-    model = Transformer(Config(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96,
-                               n_inject=2, chunk_len=64)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.15)
-    rows, fresh = torch.randint(0, 101, (7, 64)), torch.randint(0, 101, (3, 64))
-    order = [-1, 4, 4, -1, 0, 6, -1]
-    query = model.query_states(torch.randint(0, 101, (1, 9)))[:, -4:]  # MaxSim
-    tokens = torch.cat([fresh[order[:i].count(-1)] if r < 0 else rows[r] for i, r in enumerate(order)])
-    want = model.encode_context(tokens[None], query, chunk_positions=[[1, 5, 6, 9, 20, 21, 30]])
-    pool = train.sample_pool(model.encode_pool(rows), model.encode_pool(fresh), order)
-    got = model.memory_from_pool(pool, [range(7)], query, [[1, 5, 6, 9, 20, 21, 30]])
-    assert got.trees == want.trees and torch.equal(got.cos, want.cos)
-    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(got.k + got.v, want.k + want.v))
-
-
 def test_training_with_a_pool_and_spread_positions(tiny, tmp_path, capsys):
     train.main(base_args(tiny, tmp_path, "--retrieval", "1.0", "--pool", "6", "--max_chunks", "9", "--positions",
                          "30", "--steps", "2", "--grad_accum", "2", "--val", "1", "--policy", "maxsim"))
