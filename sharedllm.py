@@ -396,26 +396,26 @@ class Transformer(nn.Module):
     def assemble(self, nodes, kv, counts, chunk_positions=None) -> Memory:
         """Chunks' kept nodes and per-layer (k, v) (Hkv, E, D), all sequences' chunks in order, counts[b] of
         them for sequence b -> Memory: each sequence's trees concatenated, tree i's keys rotated at its position."""
-        cfg, M, device = self.cfg, self.cfg.n_inject, kv[0][0][0].device
-        # 1. Per sequence: concatenate its trees in text order, rotate tree i's keys at its position (Eq. 2).
-        inv_freq, ks, vs, first = rope_inv_freq(cfg, device), [[] for _ in range(M)], [[] for _ in range(M)], 0
-        for b, count in enumerate(counts):
-            mine = range(first, first + count)
-            first += count
+        cfg, M, device, dtype = self.cfg, self.cfg.n_inject, kv[0][0][0].device, kv[0][0][0].dtype
+        starts = [sum(counts[:b]) for b in range(len(counts))]
+        lengths = torch.tensor([sum(kv[i][0][0].size(1) for i in range(a, a + c)) for a, c in zip(starts, counts)])
+        # 1. One (B, Hkv, S, D) tensor per layer, zero past each sequence's end: written once, read per decoded token.
+        shape = (len(counts), cfg.n_kv_heads, int(lengths.max()), cfg.head_dim)
+        k, v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(M)] for _ in range(2))
+        # 2. Per sequence: its trees in text order, tree i's keys rotated at its position (Eq. 2).
+        inv_freq = rope_inv_freq(cfg, device)
+        for b, (first, count) in enumerate(zip(starts, counts)):
+            mine, end = range(first, first + count), int(lengths[b])
             pos_ids = chunk_positions[b] if chunk_positions is not None else range(count)
             positions = torch.cat([torch.full((kv[i][0][0].size(1),), p) for i, p in zip(mine, pos_ids)])
             cos, sin = rope_cos_sin(inv_freq, positions.to(device))
             for j in range(M):
-                ks[j].append(apply_rope(torch.cat([kv[i][j][0] for i in mine], 1)[None], cos, sin)[0])
-                vs[j].append(torch.cat([kv[i][j][1] for i in mine], 1))
-        # 2. Pad the batch to its longest memory; the queries of a sequence sit one past its last chunk (at n_b).
-        lengths = torch.tensor([k.size(1) for k in ks[0]])
+                k[j][b, :, :end] = apply_rope(torch.cat([kv[i][j][0] for i in mine], 1)[None], cos, sin)[0]
+                v[j][b, :, :end] = torch.cat([kv[i][j][1] for i in mine], 1)
+        # 3. A key mask where sequences differ in length; the queries of a sequence sit one past its last chunk.
         mask = None if (lengths == lengths[0]).all() else torch.arange(int(lengths.max())) < lengths[:, None]
-        k, v = ([pad([x.transpose(0, 1) for x in xs])[0].transpose(1, 2).contiguous() for xs in kvs]  # (B, Hkv, S, D)
-                for kvs in (ks, vs))  # contiguous: read once per decoded token, a strided view costs a copy each time
         last = [max(chunk_positions[b]) if chunk_positions is not None else count - 1 for b, count in enumerate(counts)]
         cos, sin = rope_cos_sin(inv_freq, torch.tensor([[p + 1] for p in last], device=device))  # (B, 1, D)
-        starts = [sum(counts[:b]) for b in range(len(counts))]
         trees = [nodes[a:a + count] for a, count in zip(starts, counts)]
         return Memory(k, v, None if mask is None else mask.to(device), cos, sin, trees)
 
