@@ -262,6 +262,12 @@ def main(argv=None):
     if args.seq <= D or (args.seq - D) % L:
         sys.exit(f"error: --seq {args.seq} must be {D} running tokens plus a whole number (>= 1) of {L}-token "
                  f"chunks, e.g. --seq {D + 4 * L}; adjust --seq, --running or --chunk")
+    max_chunks = args.max_chunks or (args.seq - D) // L
+    if args.min_chunks > max_chunks:
+        sys.exit(f"error: --min_chunks {args.min_chunks} is more than --max_chunks {max_chunks}; lower it")
+    if args.pool and L < 64:
+        sys.exit(f"error: --pool needs --chunk 64 or more (a pooled sample's fresh chunk holds up to 3 facts), "
+                 f"not {L}")
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -309,9 +315,6 @@ def main(argv=None):
                  f"training and {args.val} held-out sequences of --seq {args.seq}; add text or lower --val/--seq")
     n_train = max(n_seq - args.val, 0)
     fillers = (stream[:n_train * args.seq], stream[n_train * args.seq:])  # retrieval filler: training / held out
-    max_chunks = args.max_chunks or (args.seq - D) // L
-    if args.min_chunks > max_chunks:
-        sys.exit(f"error: --min_chunks {args.min_chunks} is more than --max_chunks {max_chunks}; lower it")
     pool = None
     if args.pool and retrieval:  # rows at random offsets of the training filler, a pure function of the seed
         starts = random.Random(f"{args.seed}/pool").choices(range(len(fillers[0]) - L), k=args.pool)

@@ -190,6 +190,8 @@ def test_bad_inputs(tiny, tmp_path, capsys, monkeypatch):
     fails(base_args(tiny, tmp_path / "o", "--data", str(bad), "--steps", "2", "--val", "0", "--tune", "top",
                     "--resume"), "was trained with another model or config: tune=xattn (now top)")
     fails(base_args(tiny, tmp_path / "fresh", "--resume"), "no checkpoint at")
+    fails(base_args(tiny, tmp_path / "o") + ["--chunk", "32", "--seq", "192", "--pool", "4"], "--pool needs --chunk 64")
+    fails(base_args(tiny, tmp_path / "o", "--min_chunks", "9", "--max_chunks", "3"), "--min_chunks 9 is more than")
     fails(base_args(tiny, tmp_path / "fresh", "--init", str(tmp_path / "no.safetensors")), "--init")
 
 
