@@ -195,7 +195,7 @@ class Memory:
     k: list  # M x (B, Hkv, S, D): layer j's own pre-RoPE keys, rotated by chunk index (Eq. 2)
     v: list  # M x (B, Hkv, S, D)
     mask: torch.Tensor | None  # (B, S) True on real entries; None when no sequence is padded
-    cos: torch.Tensor  # (B, 1, D): queries of sequence b rotate one past its last chunk: n_b, its chunk count
+    cos: torch.Tensor  # (B, 1, D): sequence b's queries, rotated one past its last chunk (n_b by default)
     sin: torch.Tensor
     trees: list  # per sequence, per chunk: the preserved tree.Node list (for inspection, e.g. --show_tree)
 
@@ -455,7 +455,9 @@ class Transformer(nn.Module):
         old, new = [i for i, r in enumerate(rows) if r >= 0], [i for i, r in enumerate(rows) if r < 0]
         queries = None if query is None else torch.stack([query[owner[i]] for i in range(len(rows))])
         at = torch.tensor([rows[i] for i in old], dtype=torch.long, device=device)
-        index = lambda spans, level: torch.tensor([s // (cfg.chunk_len >> level) for s, _ in spans], device=device)
+
+        def index(spans, level):  # which of the level's 2**level candidate nodes each span is
+            return torch.tensor([s // (cfg.chunk_len >> level) for s, _ in spans], device=device)
 
         def choose(level, left, right):  # as encode_group's, on stored states
             if query is None:
