@@ -37,7 +37,8 @@ GREEDY = lambda logits: int(logits.argmax())  # noqa: E731  (and no stop token: 
 def command(name, helptext, lengths=None, modes=None):
     p = sub.add_parser(name, help=helptext)
     p.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
-    p.add_argument("--adapter", default="auto", help="trained weights; 'none': gates at 0; 'auto': the shipped one")
+    p.add_argument("--adapter", default="auto", help="trained weights; 'none': gates at 0; 'auto': the shipped one "
+                   "(passkey, descent: the question-answering one if shipped)")
     p.add_argument("--seed", type=int, default=0, help="where windows, keys and offsets are drawn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights and activations (auto: bf16 where fast)")
@@ -303,7 +304,8 @@ if __name__ == "__main__":
         sys.exit("error: --plot needs matplotlib (pip install matplotlib); or run without --plot for the table")
     dtype, why = pick_dtype(args.dtype, args.device)
     try:
-        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device), dtype)
+        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device), dtype,
+                                               question=args.command in ("passkey", "descent"))
     except LoadError as e:
         sys.exit(f"error: {e}")
     print(f"adapter: {adapter}; {dtype_name(dtype)} ({why})", file=sys.stderr)

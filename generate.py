@@ -67,7 +67,8 @@ parser.add_argument("--file", help="the long input (text); omit both --file and 
 parser.add_argument("--prompt", help="a question or instruction about the file; without it the file is continued")
 parser.add_argument("--model", default="smollm2-135m", help="HF Llama folder, or 'smollm2-135m'")
 parser.add_argument("--adapter", default="auto", help="trained cross-attention weights (.safetensors); 'none': "
-                    "gates at 0, i.e. the base model on the last window; 'auto': the shipped one for the default model")
+                    "gates at 0, i.e. the base model on the last window; 'auto': the default model's shipped one, for "
+                    "questions (--prompt) if there is one, else for continuing a text")
 parser.add_argument("--mode", default="sharedllm", choices=["sharedllm", "window", "full"],
                     help="sharedllm: context tree + running text; window: the running text alone (truncation); "
                          "full: plain attention over the whole input")
@@ -86,7 +87,8 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights and activations; auto: bfloat16 on "
                     "CUDA and on CPUs with native bf16 matmuls (AVX512-BF16, AMX), float32 elsewhere")
 
-SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m.safetensors"
+SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m.safetensors"  # continuing a text (LM)
+SHIPPED_QA_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-qa.safetensors"  # answering a --prompt
 STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 
@@ -103,11 +105,19 @@ def usage_error(message):
     sys.exit(2)
 
 
-def load_model(path, adapter="auto", device="cpu", dtype=torch.float32):
-    """load_llama, then the adapter: 'auto' = the shipped one for the default model, 'none' = gates at 0. The model
-    gets cross-attention in as many layers as the adapter was trained with (train.py --n_inject)."""
+def shipped_adapter(path, question: bool) -> str:
+    """'auto': for the default model, the question-answering adapter when there is a question (if shipped), else
+    the language-modelling one; for other models none ('none': gates at 0)."""
+    if path != "smollm2-135m":
+        return "none"
+    return next((str(f) for f in [SHIPPED_QA_ADAPTER] * question + [SHIPPED_ADAPTER] if f.exists()), "none")
+
+
+def load_model(path, adapter="auto", device="cpu", dtype=torch.float32, question=False):
+    """load_llama, then the adapter ('auto': shipped_adapter). The model gets cross-attention in as many layers as
+    the adapter was trained with (train.py --n_inject)."""
     if adapter == "auto":
-        adapter = str(SHIPPED_ADAPTER) if path == "smollm2-135m" and SHIPPED_ADAPTER.exists() else "none"
+        adapter = shipped_adapter(path, question)
     trained = read_adapter(adapter, tensors=False)[0] if adapter != "none" else {}  # load_adapter reads the tensors
     layers = {"n_inject": trained["n_inject"]} if "n_inject" in trained else {}
     model, tokenizer = load_llama(path, device=device, dtype=dtype, **layers)
@@ -255,7 +265,7 @@ def main():
 
     # 2. Model, tokenizer, adapter.
     try:
-        model, tokenizer, adapter = load_model(args.model, args.adapter, device, dtype)
+        model, tokenizer, adapter = load_model(args.model, args.adapter, device, dtype, question=bool(prompt or demo))
     except LoadError as e:
         usage_error(str(e))
     if tokenizer is None:

@@ -8,6 +8,7 @@ Writes out/ckpt.safetensors (trainable tensors + optimizer moments, for --resume
 out/adapter.safetensors (trainable tensors only: what `generate.py --adapter` reads).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -21,12 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from pydoc_data import topics
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from generate import DTYPES, NEEDLE, at_least, checked, dtype_name, format_input, pick_dtype
 from load_llama import LoadError, load_adapter, load_llama
+from sharedllm import Pool
 
 FRACTION = checked(float, lambda x: 0 <= x <= 1, "must be a fraction from 0 to 1")
 parser = argparse.ArgumentParser(description="Train SharedLLM's cross-attention (and optionally more).")
@@ -48,6 +50,8 @@ parser.add_argument("--max_chunks", type=at_least(1), help="most context chunks 
 parser.add_argument("--min_chunks", type=at_least(1), default=1, help="fewest context chunks of a retrieval sample")
 parser.add_argument("--pool", type=at_least(0), default=0, help="retrieval samples take their filler chunks from a "
                     "pool of this many, encoded once (exact halves, no split noise); 0: every chunk per sample")
+parser.add_argument("--pool_cache", help="a .safetensors file for the encoded pool: read if it exists (refused if "
+                    "built for another model, M, chunk length, stride or rows), else written after encoding")
 parser.add_argument("--positions", type=at_least(0), default=0, help="place a retrieval sample's n chunks at sorted "
                     "random positions below this (PoSE-style: few chunks, far distances); 0: positions 0..n-1")
 parser.add_argument("--steps", type=at_least(1), default=300, help="optimizer steps")
@@ -318,12 +322,22 @@ def main(argv=None):
     pool = None
     if args.pool and retrieval:  # rows at random offsets of the training filler, a pure function of the seed
         starts = random.Random(f"{args.seed}/pool").choices(range(len(fillers[0]) - L), k=args.pool)
-        t = time.time()
-        with autocast:
-            pool = model.encode_pool(torch.tensor([fillers[0][s:s + L] for s in starts], device=device),
-                                     progress=rank == 0)
+        rows, t = torch.tensor([fillers[0][s:s + L] for s in starts], device=device), time.time()
+        try:
+            pool = read_pool(args.pool_cache, model, args.model, rows) if args.pool_cache else None
+        except PoolCacheError as e:
+            sys.exit(f"error: {e}")
+        how = f"read from {args.pool_cache}" if pool is not None else "encoded"
+        if pool is None:
+            with autocast:
+                pool = model.encode_pool(rows, progress=rank == 0)
+            if args.pool_cache and rank == 0:
+                try:
+                    write_pool(args.pool_cache, pool, model, args.model)
+                except OSError as e:
+                    print(f"warning: {e}; training goes on with the pool in memory", file=sys.stderr)
         if rank == 0:
-            print(f"pool: {args.pool} filler chunks encoded in {time.time() - t:.0f} s", file=sys.stderr)
+            print(f"pool: {args.pool} filler chunks {how} in {time.time() - t:.0f} s", file=sys.stderr)
 
     def example(i, split=0):
         """Sample i, a pure function of (seed, i, split): resuming needs no saved random state."""
@@ -459,7 +473,7 @@ def atomic_save(tensors, path: Path, metadata):
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is kept") from None
+        raise OSError(f"could not write {path} ({e.strerror or e}); the file there before, if any, is kept") from None
 
 
 def save_checkpoint(out: Path, model, opt, trainable, args, step, world):
@@ -476,6 +490,54 @@ def save_checkpoint(out: Path, model, opt, trainable, args, step, world):
     (out / "ckpt.json.tmp").write_text(json.dumps({k: json.loads(v) if k in ("config", "args") else int(v)
                                                    for k, v in meta.items()}, indent=2))
     os.replace(out / "ckpt.json.tmp", out / "ckpt.json")
+
+
+# The chunk pool on disk (--pool_cache): its tensors plus what they were computed with. A file built for another
+# model, M, chunk length, stride or set of rows is refused; it is written like a checkpoint (temporary name, then
+# renamed), so an interrupted build or a full disk leaves no file that could be trusted by mistake.
+
+class PoolCacheError(Exception):
+    pass
+
+
+def pool_fingerprint(model, name):
+    keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_inject", "chunk_len", "tree_depth",
+            "finest_stride")
+    lower = model.layers[model.cfg.n_inject - 1].attention.wk.weight.detach().float().cpu().numpy().tobytes()
+    return {"model": str(name), **{k: str(getattr(model.cfg, k)) for k in keys},
+            "weights": hashlib.sha1(lower).hexdigest()[:16]}
+
+
+def write_pool(path, pool: Pool, model, name):
+    tensors = {"tokens": pool.tokens}
+    for d, (states, layers) in enumerate(zip(pool.states, pool.kv)):
+        tensors[f"states.{d}"] = states
+        for j, (k, v) in enumerate(layers):
+            tensors[f"k.{d}.{j}"], tensors[f"v.{d}.{j}"] = k, v
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, Path(path),
+                pool_fingerprint(model, name))
+
+
+def read_pool(path, model, name, rows) -> Pool | None:
+    """The pool stored at path, or None if there is none yet; PoolCacheError if it was built otherwise."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt", device=str(rows.device)) as f:
+            saved, ours = f.metadata() or {}, pool_fingerprint(model, name)
+            diff = ", ".join(f"{k}={saved.get(k)} (now {v})" for k, v in ours.items() if saved.get(k) != v)
+            if diff:
+                raise PoolCacheError(f"--pool_cache {path} was built for {diff}; delete it or give another path")
+            if not torch.equal(f.get_tensor("tokens"), rows):
+                raise PoolCacheError(f"--pool_cache {path} holds other filler chunks (another --pool, --seed, --chunk "
+                                     f"or data); delete it or give another path")
+            levels = range(model.cfg.tree_depth)
+            return Pool(rows, [f.get_tensor(f"states.{d}") for d in levels],
+                        [[(f.get_tensor(f"k.{d}.{j}"), f.get_tensor(f"v.{d}.{j}")) for j in range(model.cfg.n_inject)]
+                         for d in levels])
+    except (OSError, SafetensorError) as e:
+        raise PoolCacheError(f"--pool_cache {path} is not a readable pool ({e}); delete it or give another path")
 
 
 def load_checkpoint(path: Path, model, opt, trainable, args) -> int:

@@ -97,6 +97,19 @@ def test_the_shipped_bf16_adapter_loads_into_a_model_of_either_dtype(smollm2, dt
     assert model.layers[2].cross_attention.gate.item() != 0  # trained gates, not the zeros of a fresh model
 
 
+def test_auto_picks_the_question_answering_adapter_for_a_question_where_one_is_shipped(tmp_path, monkeypatch):
+    import generate
+    lm, qa = tmp_path / "lm.safetensors", tmp_path / "qa.safetensors"
+    monkeypatch.setattr(generate, "SHIPPED_ADAPTER", lm)
+    monkeypatch.setattr(generate, "SHIPPED_QA_ADAPTER", qa)
+    assert [generate.shipped_adapter("smollm2-135m", q) for q in (False, True)] == ["none", "none"]
+    lm.write_bytes(b"")
+    assert [generate.shipped_adapter("smollm2-135m", q) for q in (False, True)] == [str(lm), str(lm)]
+    qa.write_bytes(b"")
+    assert [generate.shipped_adapter("smollm2-135m", q) for q in (False, True)] == [str(lm), str(qa)]
+    assert generate.shipped_adapter("/some/llama", True) == "none"  # trained for another model: none
+
+
 def test_sampling():
     logits = torch.tensor([0.1, 3.0, 0.2, 2.9])
     g = torch.Generator().manual_seed(0)

@@ -152,6 +152,42 @@ def test_training_with_a_pool_and_spread_positions(tiny, tmp_path, capsys):
     assert len(losses) == 2 and all(0 < x < 20 for x in losses), err
 
 
+def test_the_pool_cache_is_reused_refused_when_built_otherwise_and_never_half_written(tiny, tmp_path, capsys,
+                                                                                     monkeypatch):
+    cache = tmp_path / "pools" / "pool.safetensors"
+    common = ["--retrieval", "1.0", "--pool", "4", "--max_chunks", "6", "--steps", "1", "--grad_accum", "2", "--val",
+              "0", "--policy", "maxsim", "--finest_stride", "2", "--pool_cache", str(cache)]
+    real_save = train.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        if Path(path).name.startswith("pool"):
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(train, "save_file", full_disk)  # 1. a full disk: a warning, nothing written, training goes on
+    train.main(base_args(tiny, tmp_path / "a", *common))
+    err = capsys.readouterr().err
+    assert "warning: could not write" in err and "pool: 4 filler chunks encoded" in err and "step 1 loss" in err
+    assert not list(cache.parent.iterdir())
+    monkeypatch.setattr(train, "save_file", real_save)
+    (cache.parent / "pool.safetensors.tmp").write_bytes(b"an interrupted build")  # 2. never read: encoded again
+    train.main(base_args(tiny, tmp_path / "b", *common))
+    assert "pool: 4 filler chunks encoded" in capsys.readouterr().err and cache.is_file()
+    train.main(base_args(tiny, tmp_path / "c", *common))  # 3. read back: the same training as with the encoded pool
+    assert f"pool: 4 filler chunks read from {cache}" in capsys.readouterr().err
+    b, c = load_file(tmp_path / "b" / "adapter.safetensors"), load_file(tmp_path / "c" / "adapter.safetensors")
+    assert b.keys() == c.keys() and all(torch.equal(b[n], c[n]) for n in b)
+    saved = cache.read_bytes()
+    for flag, value, phrase in [("--finest_stride", "1", "was built for finest_stride=2 (now 1)"),
+                                ("--n_inject", "2", "was built for n_inject=4 (now 2)"),
+                                ("--pool", "3", "holds other filler chunks")]:
+        fails(base_args(tiny, tmp_path / "d", *common, flag, value), phrase)  # the last of a repeated flag counts
+    assert cache.read_bytes() == saved  # refusing touches nothing
+    cache.write_bytes(b"not a safetensors file")
+    fails(base_args(tiny, tmp_path / "e", *common), "is not a readable pool")
+
+
 def test_two_processes_equal_one_with_twice_the_accumulation(tiny, tmp_path):
     common = base_args(tiny, tmp_path / "x", "--steps", "3", "--dtype", "float32", "--val", "0", "--retrieval", "0.5")
     single = common[:common.index("--out") + 1] + [str(tmp_path / "one")] + common[common.index("--out") + 2:]
@@ -248,7 +284,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
         return real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(train, "save_file", save_until_full)
-    fails(args, "No space left on device); the previous checkpoint is kept")
+    fails(args, "No space left on device); the file there before, if any, is kept")
     assert json.loads((tmp_path / "ckpt.json").read_text())["step"] == 1
     assert load_file(tmp_path / "ckpt.safetensors") and not list(tmp_path.glob("*.tmp"))
 
