@@ -24,7 +24,7 @@ import tree
 from generate import (DTYPES, NEEDLE, at_least, checked, dtype_name, format_input, generate, layout, load_model,
                       pass_key_prefix, pick_dtype, prepare)
 from load_llama import LoadError
-from train import builtin_docs, held_out_code
+from train import NEEDLES, QUESTIONS, builtin_docs, held_out_code
 
 parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +67,8 @@ passkey.add_argument("--depths", nargs="+", default=[0, 0.25, 0.5, 0.75, 1], hel
 passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")
 passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent (default: the adapter's)")
 passkey.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens (the rest: the tree)")
+passkey.add_argument("--held_out", action="store_true", help="filler, needle and question wordings that training "
+                     "never uses (the stdlib's packages; train.py's validation wordings)")
 passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (needs matplotlib)")
 
 
@@ -86,9 +88,11 @@ def matmul_rate(device, dtype, n=4096) -> float:
     return 2 * n**3 / timer.blocked_autorange(min_run_time=2).median
 
 
-def text_tokens(tokenizer, n: int) -> list[int]:
-    """n tokens of real text: Python's docs, then its standard library's sources (train.py's corpus), repeated."""
-    ids = tokenizer.encode("\n\n".join(builtin_docs())[:8 * n]).ids  # text is ~4 characters a token
+def text_tokens(tokenizer, n: int, held_out: bool = False) -> list[int]:
+    """n tokens of real text: Python's docs, then its standard library's sources (train.py's corpus), repeated;
+    held_out: the standard library's packages (asyncio, email, ...), which training never reads."""
+    text = held_out_code() if held_out else "\n\n".join(builtin_docs())
+    ids = tokenizer.encode(text[:8 * n]).ids  # text is ~4 characters a token
     return (ids * (n // len(ids) + 1))[:n]
 
 
@@ -209,7 +213,8 @@ def run_passkey(args, model, tokenizer):
     number generated after "The pass key is " equals the key."""
     rng = random.Random(args.seed)
     lengths, depths, modes = args.lengths, args.depths, args.modes
-    filler, prefix = text_tokens(tokenizer, max(lengths)), pass_key_prefix(tokenizer)
+    filler, prefix = text_tokens(tokenizer, max(lengths), args.held_out), pass_key_prefix(tokenizer)
+    needles, questions = (NEEDLES[1], QUESTIONS[1]) if args.held_out else ([NEEDLE], ["What is the pass key?"])
     correct, outside = {}, {}  # outside: the trials whose key lay before the running text (sharedllm: in the tree)
     for T in lengths:
         for depth in depths:
@@ -218,10 +223,11 @@ def run_passkey(args, model, tokenizer):
                 start = rng.randrange(max(len(filler) - T, 1))
                 text = tokenizer.decode(filler[start:start + T - 40])
                 cut = int(depth * len(text))
-                text = text[:cut] + f" {NEEDLE.format(key=key)} " + text[cut:]
+                needle, question = rng.choice(needles).format(key=key), rng.choice(questions)
+                text = text[:cut] + f" {needle} " + text[cut:]
                 digits = tokenizer.encode(f" {key}").ids
                 for mode in modes:
-                    ids, n, tokens, memory, _ = prepare(model, tokenizer, text, "What is the pass key?", prefix, mode,
+                    ids, n, tokens, memory, _ = prepare(model, tokenizer, text, question, prefix, mode,
                                                         args.policy, 8, args.running)
                     out = list(generate(model, tokens, memory, 8, set(), GREEDY))
                     found = re.findall(r"\d+", tokenizer.decode(out))

@@ -38,13 +38,24 @@ def test_ppl_with_the_gates_at_zero_equals_the_window(tiny, tmp_path):
         assert float(full) > 0
 
 
-def test_passkey_prints_one_row_per_mode_and_length(tiny):
+@pytest.mark.parametrize("held_out", [[], ["--held_out"]])
+def test_passkey_prints_one_row_per_mode_and_length(tiny, held_out):
     r = run("passkey", "--model", str(tiny), "--adapter", "none", "--lengths", "10240", "--depths", "0", "1",
-            "--trials", "1", "--modes", "sharedllm", "window", "--running", "2048")
+            "--trials", "1", "--modes", "sharedllm", "window", "--running", "2048", *held_out)
     assert r.returncode == 0, r.stderr
     rows = re.findall(r"^\| (\w+) \| 10240 \| \d+% \| \d+% \| \d+% \| (\d+)/(\d+) \|$", r.stdout, re.M)
     assert [row[0] for row in rows] == ["sharedllm", "window"], r.stdout
     assert all(row[2] == "1" for row in rows), r.stdout  # the depth-0 key lies before the running text, depth 1 not
+
+
+def test_held_out_filler_is_text_training_never_reads(smollm2):
+    import eval as bench
+    from train import builtin_docs
+    tokenizer, corpus = smollm2[1], "\n\n".join(builtin_docs())
+    for held_out in (False, True):
+        ids = bench.text_tokens(tokenizer, 20_000, held_out)
+        pieces = [tokenizer.decode(ids[i:i + 40]) for i in range(0, 20_000, 2_000)]
+        assert len(ids) == 20_000 and sum(p in corpus for p in pieces) == (0 if held_out else len(pieces))
 
 
 def test_speed_prints_one_row_per_length_and_mode(tiny):
