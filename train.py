@@ -291,7 +291,7 @@ def main(argv=None):
             if not Path(args.init).is_file():
                 sys.exit(f"error: --init {args.init} does not exist; give an adapter.safetensors that train.py wrote")
             load_adapter(model, args.init)
-            model.cfg.finest_stride, model.cfg.policy = args.finest_stride, args.policy  # this run's tree
+            model.cfg.chunk_len, model.cfg.finest_stride, model.cfg.policy = L, args.finest_stride, args.policy  # ours
     except LoadError as e:
         sys.exit(f"error: {e}")
     cfg, M = model.cfg, model.cfg.n_inject

@@ -262,14 +262,14 @@ def test_a_running_text_longer_than_the_window_is_warned_about_and_the_dtype_rep
 def test_init_starts_from_a_trained_adapter(tiny, tmp_path):
     train.main(base_args(tiny, tmp_path / "a", "--steps", "3", "--grad_accum", "1", "--val", "0"))
     train.main(base_args(tiny, tmp_path / "b", "--steps", "1", "--grad_accum", "1", "--val", "0", "--lr", "0",
-                         "--gate_lr", "0", "--finest_stride", "2", "--init",
+                         "--gate_lr", "0", "--finest_stride", "2", "--chunk", "128", "--init",
                          str(tmp_path / "a" / "adapter.safetensors")))
     a, b = load_file(tmp_path / "a" / "adapter.safetensors"), load_file(tmp_path / "b" / "adapter.safetensors")
     assert any(a[n].abs().sum() > 0 for n in a if n.endswith(".gate"))  # trained, so unlike a fresh start
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)  # learning rate 0: kept as loaded
-    strides = [json.loads(safe_open(tmp_path / r / "adapter.safetensors", "pt").metadata()["config"])["finest_stride"]
-               for r in "ab"]
-    assert strides == [4, 2]  # the new run's tree, not the one the init was trained with
+    trees = [json.loads(safe_open(tmp_path / r / "adapter.safetensors", "pt").metadata()["config"]) for r in "ab"]
+    assert [(c["finest_stride"], c["chunk_len"]) for c in trees] == [(4, 64), (2, 128)]  # this run's tree, not the
+    # one the init was trained with (a curriculum may start with short chunks)
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
