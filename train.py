@@ -30,6 +30,7 @@ from generate import DTYPES, NEEDLE, at_least, checked, dtype_name, format_input
 from load_llama import LoadError, load_adapter, load_llama
 from sharedllm import Pool
 
+TASKS = {"passkey": 0.4, "lookup": 0.3, "quote": 0.3}  # the built-in retrieval mix (--tasks picks some)
 FRACTION = checked(float, lambda x: 0 <= x <= 1, "must be a fraction from 0 to 1")
 parser = argparse.ArgumentParser(description="Train SharedLLM's cross-attention (and optionally more).")
 parser.add_argument("--data", nargs="*", default=[], help="text/markdown files, folders, .jsonl ({'text'} or "
@@ -45,6 +46,8 @@ parser.add_argument("--tune", default="xattn", choices=["xattn", "top", "all"],
                     help="xattn: cross-attention + gates; top: also layers M..N-1; all: the whole model")
 parser.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"], help="query-aware descent (QA)")
 parser.add_argument("--retrieval", type=FRACTION, default=0.5, help="share of generated retrieval samples (built-in)")
+parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="the generated retrieval "
+                    "tasks (their shares renormalised): pass keys among other codes, named-fact lookups, quotes")
 parser.add_argument("--max_chunks", type=at_least(1), help="most context chunks of a retrieval sample (default: "
                     "what --seq holds); more than --seq holds is cheap with --pool")
 parser.add_argument("--min_chunks", type=at_least(1), default=1, help="fewest context chunks of a retrieval sample")
@@ -161,16 +164,21 @@ def key_formatter(rng):
                        lambda: f"{rng.choice('ABCDEFGHJK')}{rng.randint(100, 999)}-{rng.randint(1000, 9999)}"])
 
 
-def retrieval_task(rng, key_format, n_facts, split):
+def retrieval_task(rng, key_format, n_facts, split, tasks=tuple(TASKS)):
     """n_facts sentences to hide, a question about the first, its answer -> (facts, question, answer)."""
-    task = rng.random()
-    if task < 0.4:  # pass key
+    draw, total, kind = rng.random() * sum(TASKS[t] for t in tasks), 0.0, tasks[-1]
+    for t in tasks:  # the tasks' shares, renormalised
+        total += TASKS[t]
+        if draw < total:
+            kind = t
+            break
+    if kind == "passkey":
         key = key_format()
         facts = [rng.choice(NEEDLES[split]).format(key=key)] + [
             rng.choice(NEEDLES[split]).format(key=key_format()) for _ in range(n_facts - 1)]
         facts = facts[:1] + [f.replace("pass key", "backup code") for f in facts[1:]]  # distractors: other names
         return facts, rng.choice(QUESTIONS[split]), f"The pass key is {key}."
-    if task < 0.7:  # several named facts: a key-value lookup
+    if kind == "lookup":  # several named facts: a key-value lookup
         names, thing = rng.sample(NAMES, n_facts), rng.choice(THINGS)
         keys = [key_format() for _ in range(n_facts)]
         facts = [rng.choice(FACTS[split]).format(thing=thing, name=n, key=k) for n, k in zip(names, keys)]
@@ -181,7 +189,7 @@ def retrieval_task(rng, key_format, n_facts, split):
     return facts, rng.choice(QUOTE_QUESTIONS[split]).format(name=names[0]), facts[0]
 
 
-def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0):
+def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0, tasks=tuple(TASKS)):
     """A long document of real text with one or several facts hidden at random depths; a question about one;
     its answer: a pass key among differently named codes, a key-value lookup, or a sentence to quote word for word.
     -> (document, question, answer)."""
@@ -191,7 +199,7 @@ def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0):
     text = tokenizer.decode(filler[start:start + length])
     in_context = int(len(text) * n_ctx * L / length)  # facts go into the context chunks, never the running text
     cuts = sorted(rng.randrange(in_context) for _ in range(rng.choice([1, 1, 2, 3])))
-    facts, question, answer = retrieval_task(rng, key_format, len(cuts), split)
+    facts, question, answer = retrieval_task(rng, key_format, len(cuts), split, tasks)
     order = list(range(len(cuts)))
     rng.shuffle(order)
     for cut, i in sorted(zip(cuts, order), reverse=True):
@@ -199,13 +207,13 @@ def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0):
     return text, question, answer
 
 
-def pooled_sample(rng, filler, tokenizer, n_ctx, L, D, pool_size, split=0):
+def pooled_sample(rng, filler, tokenizer, n_ctx, L, D, pool_size, split=0, tasks=tuple(TASKS)):
     """A retrieval sample laid out chunk by chunk for training with a pool (DESIGN Sec. 11): chunk 0 (the chat
     header and filler) and the chunks that hold a fact are fresh; every other chunk is a row of the filler pool.
     -> (fresh chunks (k, L), the n_ctx chunks in order as pool rows or -1 for the next fresh one, the running
     text's ids with the answer, question (first, last) and answer start in running-text coordinates)."""
     key_format, n_facts = key_formatter(rng), rng.choice([1, 1, 2, 3])
-    facts, question, answer = retrieval_task(rng, key_format, n_facts, split)
+    facts, question, answer = retrieval_task(rng, key_format, n_facts, split, tasks)
     text, span = format_input(tokenizer, "\x00", question)  # the chat format, split around the document
     cut = text.index("\x00")
     head, tail = tokenizer.encode(text[:cut]).ids, tokenizer.encode(text[cut + 1:], add_special_tokens=False)
@@ -349,10 +357,12 @@ def main(argv=None):
         if rng.random() < retrieval:
             n_ctx = rng.randint(args.min_chunks, max_chunks) if split == 0 else rng.randint(1, (args.seq - D) // L)
             if pool is not None and split == 0:  # context: the fresh chunks only
-                fresh, order, ids, q, a = pooled_sample(rng, fillers[0], tokenizer, n_ctx, L, D, args.pool)
+                fresh, order, ids, q, a = pooled_sample(rng, fillers[0], tokenizer, n_ctx, L, D, args.pool, 0,
+                                                         args.tasks)
                 parts = (fresh.view(-1), *make_example(ids, 0, L, q, a)[1:])
             else:
-                doc, question, answer = retrieval_sample(rng, fillers[split], tokenizer, n_ctx, L, D, split)
+                doc, question, answer = retrieval_sample(rng, fillers[split], tokenizer, n_ctx, L, D, split,
+                                                         args.tasks)
                 ids, n, q0, q1, a = encode_qa(tokenizer, doc, question, answer, L, D)
                 order, parts = None, make_example(ids, n, L, (q0, q1), a)
             far = args.positions > n_ctx and split == 0  # Eq. 2's chunk positions, spread out (PoSE-style)

@@ -128,6 +128,17 @@ def test_retrieval_samples_hide_their_answer_in_the_context_and_validation_wordi
     assert quotes >= 10 and questions[0] and questions[1] and not questions[0] & questions[1]
 
 
+@pytest.mark.parametrize("tasks", [("passkey", "lookup", "quote"), ("passkey", "lookup"), ("quote",)])
+def test_tasks_choose_which_retrieval_tasks_are_drawn(tasks):
+    def kind(answer):
+        return "passkey" if "pass key" in answer else "lookup" if any(t in answer for t in train.THINGS) else "quote"
+    rng, fmt = random.Random(0), lambda: "12345"
+    drawn = [kind(train.retrieval_task(rng, fmt, 2, 0, tasks)[2]) for _ in range(300)]
+    assert set(drawn) == set(tasks)
+    if len(tasks) == 2:  # shares renormalised: 0.4 and 0.3 -> 4/7 and 3/7
+        assert abs(drawn.count("passkey") / 300 - 4 / 7) < 0.1
+
+
 def test_pooled_samples_hide_their_facts_in_fresh_chunks(smollm2):
     tok, L, D = smollm2[1], 256, 64
     filler = tok.encode(pydoc_text()[:200_000]).ids
