@@ -54,7 +54,7 @@ parser.add_argument("--min_chunks", type=at_least(1), default=1, help="fewest co
 parser.add_argument("--pool", type=at_least(0), default=0, help="retrieval samples take their filler chunks from a "
                     "pool of this many, encoded once (exact halves, no split noise); 0: every chunk per sample")
 parser.add_argument("--pool_cache", help="a .safetensors file for the encoded pool: read if it exists (refused if "
-                    "built for another model, M, chunk length, stride or rows), else written after encoding")
+                    "built for another model, dtype, M, chunk length, stride or rows), else written after encoding")
 parser.add_argument("--positions", type=at_least(0), default=0, help="place a retrieval sample's n chunks at sorted "
                     "random positions below this (PoSE-style: few chunks, far distances); 0: positions 0..n-1")
 parser.add_argument("--steps", type=at_least(1), default=300, help="optimizer steps")
@@ -332,7 +332,7 @@ def main(argv=None):
         starts = random.Random(f"{args.seed}/pool").choices(range(len(fillers[0]) - L), k=args.pool)
         rows, t = torch.tensor([fillers[0][s:s + L] for s in starts], device=device), time.time()
         try:
-            pool = read_pool(args.pool_cache, model, args.model, rows) if args.pool_cache else None
+            pool = read_pool(args.pool_cache, model, args.model, rows, dtype) if args.pool_cache else None
         except PoolCacheError as e:
             sys.exit(f"error: {e}")
         how = f"read from {args.pool_cache}" if pool is not None else "encoded"
@@ -341,7 +341,7 @@ def main(argv=None):
                 pool = model.encode_pool(rows, progress=rank == 0)
             if args.pool_cache and rank == 0:
                 try:
-                    write_pool(args.pool_cache, pool, model, args.model)
+                    write_pool(args.pool_cache, pool, model, args.model, dtype)
                 except OSError as e:
                     print(f"warning: {e}; training goes on with the pool in memory", file=sys.stderr)
         if rank == 0:
@@ -503,22 +503,22 @@ def save_checkpoint(out: Path, model, opt, trainable, args, step, world):
 
 
 # The chunk pool on disk (--pool_cache): its tensors plus what they were computed with. A file built for another
-# model, M, chunk length, stride or set of rows is refused; it is written like a checkpoint (temporary name, then
-# renamed), so an interrupted build or a full disk leaves no file that could be trusted by mistake.
+# model, compute dtype, M, chunk length, stride or set of rows is refused; it is written like a checkpoint
+# (temporary name, then renamed), so an interrupted build or a full disk leaves no file trusted by mistake.
 
 class PoolCacheError(Exception):
     pass
 
 
-def pool_fingerprint(model, name):
+def pool_fingerprint(model, name, dtype):
     keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_inject", "chunk_len", "tree_depth",
             "finest_stride")
     lower = model.layers[model.cfg.n_inject - 1].attention.wk.weight.detach().float().cpu().numpy().tobytes()
-    return {"model": str(name), **{k: str(getattr(model.cfg, k)) for k in keys},
+    return {"model": str(name), "dtype": dtype_name(dtype), **{k: str(getattr(model.cfg, k)) for k in keys},
             "weights": hashlib.sha1(lower).hexdigest()[:16]}
 
 
-def write_pool(path, pool: Pool, model, name):
+def write_pool(path, pool: Pool, model, name, dtype):
     tensors = {"tokens": pool.tokens}
     for d, (states, layers) in enumerate(zip(pool.states, pool.kv)):
         tensors[f"states.{d}"] = states
@@ -526,16 +526,16 @@ def write_pool(path, pool: Pool, model, name):
             tensors[f"k.{d}.{j}"], tensors[f"v.{d}.{j}"] = k, v
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_save({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, Path(path),
-                pool_fingerprint(model, name))
+                pool_fingerprint(model, name, dtype))
 
 
-def read_pool(path, model, name, rows) -> Pool | None:
+def read_pool(path, model, name, rows, dtype) -> Pool | None:
     """The pool stored at path, or None if there is none yet; PoolCacheError if it was built otherwise."""
     if not Path(path).is_file():
         return None
     try:
         with safe_open(path, framework="pt", device=str(rows.device)) as f:
-            saved, ours = f.metadata() or {}, pool_fingerprint(model, name)
+            saved, ours = f.metadata() or {}, pool_fingerprint(model, name, dtype)
             diff = ", ".join(f"{k}={saved.get(k)} (now {v})" for k, v in ours.items() if saved.get(k) != v)
             if diff:
                 raise PoolCacheError(f"--pool_cache {path} was built for {diff}; delete it or give another path")

@@ -167,7 +167,7 @@ def test_the_pool_cache_is_reused_refused_when_built_otherwise_and_never_half_wr
                                                                                      monkeypatch):
     cache = tmp_path / "pools" / "pool.safetensors"
     common = ["--retrieval", "1.0", "--pool", "4", "--max_chunks", "6", "--steps", "1", "--grad_accum", "2", "--val",
-              "0", "--policy", "maxsim", "--finest_stride", "2", "--pool_cache", str(cache)]
+              "0", "--policy", "maxsim", "--finest_stride", "2", "--pool_cache", str(cache), "--dtype", "float32"]
     real_save = train.save_file
 
     def full_disk(tensors, path, metadata=None):
@@ -192,6 +192,7 @@ def test_the_pool_cache_is_reused_refused_when_built_otherwise_and_never_half_wr
     saved = cache.read_bytes()
     for flag, value, phrase in [("--finest_stride", "1", "was built for finest_stride=2 (now 1)"),
                                 ("--n_inject", "2", "was built for n_inject=4 (now 2)"),
+                                ("--dtype", "bfloat16", "was built for dtype=float32 (now bfloat16)"),
                                 ("--pool", "3", "holds other filler chunks")]:
         fails(base_args(tiny, tmp_path / "d", *common, flag, value), phrase)  # the last of a repeated flag counts
     assert cache.read_bytes() == saved  # refusing touches nothing
