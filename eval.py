@@ -24,7 +24,7 @@ import tree
 from generate import (DTYPES, NEEDLE, at_least, checked, dtype_name, format_input, generate, layout, load_model,
                       pass_key_prefix, pick_dtype, prepare)
 from load_llama import LoadError
-from train import NEEDLES, QUESTIONS, builtin_docs, held_out_code
+from train import FACTS, LOOKUPS, NAMES, NEEDLES, QUESTIONS, THINGS, builtin_docs, held_out_code
 
 parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +62,10 @@ ppl.add_argument("--files", nargs="*", default=[], help="text files (default: th
 ppl.add_argument("--windows", type=at_least(1), default=8, help="windows (end positions), shared by all lengths")
 ppl.add_argument("--full_max", type=int, default=8192, help="longest input for --mode full")
 passkey = command("passkey", "pass-key retrieval accuracy, length x depth", [8192, 32768, 131072], MODES[:2])
+passkey.add_argument("--task", choices=["passkey", "lookup"], default="passkey", help="passkey: one key to find; "
+                     "lookup: the named fact asked for among --facts of one kind (\"The locker code of Ada is ...\")")
+passkey.add_argument("--facts", type=checked(int, lambda n: 1 <= n <= len(NAMES), f"a lookup hides 1 to {len(NAMES)} named facts"),
+                     default=4, help="lookup: named facts hidden, the others at random depths")
 passkey.add_argument("--depths", nargs="+", default=[0, 0.25, 0.5, 0.75, 1], help="needle depths (fractions)",
                      type=checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction from 0 to 1"))
 passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")
@@ -210,21 +214,34 @@ def run_ppl(args, model, tokenizer):
 
 def run_passkey(args, model, tokenizer):
     """A pass key at each depth of real filler (Python's docs); 'What is the pass key?'; correct when the first
-    number generated after "The pass key is " equals the key."""
+    number generated after "The pass key is " equals the key. --task lookup: --facts named facts ("The locker code
+    of Ada is 12345."), the one asked for at the depth, the others anywhere; the answer starts "The locker code of
+    Ada is "."""
     rng = random.Random(args.seed)
     lengths, depths, modes = args.lengths, args.depths, args.modes
-    filler, prefix = text_tokens(tokenizer, max(lengths), args.held_out), pass_key_prefix(tokenizer)
+    filler = text_tokens(tokenizer, max(lengths), args.held_out)
     needles, questions = (NEEDLES[1], QUESTIONS[1]) if args.held_out else ([NEEDLE], ["What is the pass key?"])
+    facts, lookups = (FACTS[1], LOOKUPS[1]) if args.held_out else (FACTS[0][:1], LOOKUPS[0][:1])
     correct, outside = {}, {}  # outside: the trials whose key lay before the running text (sharedllm: in the tree)
     for T in lengths:
         for depth in depths:
             for _ in range(args.trials):
                 key = rng.randint(10000, 99999)
                 start = rng.randrange(max(len(filler) - T, 1))
-                text = tokenizer.decode(filler[start:start + T - 40])
-                cut = int(depth * len(text))
-                needle, question = rng.choice(needles).format(key=key), rng.choice(questions)
-                text = text[:cut] + f" {needle} " + text[cut:]
+                if args.task == "passkey":
+                    hidden, question = [(depth, rng.choice(needles).format(key=key))], rng.choice(questions)
+                    prefix = pass_key_prefix(tokenizer)
+                else:  # the fact asked for at the depth, the other names' facts (other keys) anywhere
+                    names, thing = rng.sample(NAMES, args.facts), rng.choice(THINGS)
+                    hidden = [(depth if i == 0 else rng.random(), rng.choice(facts).format(
+                        thing=thing, name=name, key=key if i == 0 else rng.randint(10000, 99999)))
+                        for i, name in enumerate(names)]
+                    question = rng.choice(lookups).format(thing=thing, name=names[0])
+                    prefix = pass_key_prefix(tokenizer, f"The {thing} of {names[0]} is")
+                text = tokenizer.decode(filler[start:start + T - 40 - 16 * (len(hidden) - 1)])  # room for the facts
+                cuts = [(int(d * len(text)), sentence) for d, sentence in hidden]
+                for cut, sentence in sorted(cuts, reverse=True):  # from the end: the earlier cuts stay in place
+                    text = text[:cut] + f" {sentence} " + text[cut:]
                 digits = tokenizer.encode(f" {key}").ids
                 for mode in modes:
                     ids, n, tokens, memory, _ = prepare(model, tokenizer, text, question, prefix, mode,
@@ -238,7 +255,8 @@ def run_passkey(args, model, tokenizer):
             print(f"{T} depth {depth}: " + ", ".join(f"{m} {sum(correct[(m, T, depth)])}/{args.trials}"
                                                      for m in modes), file=sys.stderr)
     rate = {(m, T): [statistics.mean(correct[(m, T, d)]) for d in depths] for m in modes for T in lengths}
-    table(f"pass-key accuracy, {args.trials} keys per cell; then the keys found of those that lay before the running "
+    what = "pass-key" if args.task == "passkey" else f"lookup ({args.facts} named facts)"
+    table(f"{what} accuracy, {args.trials} keys per cell; then the keys found of those that lay before the running "
           f"text", ["mode", "tokens"] + [f"depth {d:.0%}" for d in depths] + ["all", "key before the running text"],
           [[m, T] + [f"{c:.0%}" for c in rate[(m, T)] + [statistics.mean(rate[(m, T)])]] +
            [f"{sum(outside.get((m, T), []))}/{len(outside.get((m, T), []))}"] for m, T in rate])

@@ -93,11 +93,11 @@ STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 
 
-def pass_key_prefix(tokenizer) -> str:
+def pass_key_prefix(tokenizer, words: str = "The pass key is") -> str:
     """How the answer starts: "The pass key is ", with the space where the tokenizer writes a number's space as a
     token of its own (SmolLM2: " 604" -> " ", "6", "0", "4"), so that the key's first digit is what comes next."""
-    spaced, answer = (tokenizer.encode(f"The pass key is {d}", add_special_tokens=False).ids for d in ("", "6"))
-    return "The pass key is " if answer[:len(spaced)] == spaced else "The pass key is"
+    spaced, answer = (tokenizer.encode(f"{words} {d}", add_special_tokens=False).ids for d in ("", "6"))
+    return f"{words} " if answer[:len(spaced)] == spaced else words
 
 
 def usage_error(message):

@@ -38,7 +38,7 @@ def test_ppl_with_the_gates_at_zero_equals_the_window(tiny, tmp_path):
         assert float(full) > 0
 
 
-@pytest.mark.parametrize("held_out", [[], ["--held_out"]])
+@pytest.mark.parametrize("held_out", [[], ["--held_out"], ["--held_out", "--task", "lookup", "--facts", "3"]])
 def test_passkey_prints_one_row_per_mode_and_length(tiny, held_out):
     r = run("passkey", "--model", str(tiny), "--adapter", "none", "--lengths", "10240", "--depths", "0", "1",
             "--trials", "1", "--modes", "sharedllm", "window", "--running", "2048", *held_out)
@@ -46,6 +46,7 @@ def test_passkey_prints_one_row_per_mode_and_length(tiny, held_out):
     rows = re.findall(r"^\| (\w+) \| 10240 \| \d+% \| \d+% \| \d+% \| (\d+)/(\d+) \|$", r.stdout, re.M)
     assert [row[0] for row in rows] == ["sharedllm", "window"], r.stdout
     assert all(row[2] == "1" for row in rows), r.stdout  # the depth-0 key lies before the running text, depth 1 not
+    assert ("lookup (3 named facts) accuracy" in r.stdout) == ("lookup" in held_out), r.stdout
 
 
 def test_held_out_filler_is_text_training_never_reads(smollm2):
@@ -95,6 +96,7 @@ def test_descent_reports_hit_rates_and_attention_mass(tiny):
     (["passkey", "--depths", "0", "1.5"], "--depths: a depth is a fraction from 0 to 1, not '1.5'"),
     (["passkey", "--trials", "0"], "--trials: must be at least 1, not '0'"),
     (["passkey", "--running", "0"], "--running: must be at least 1, not '0'"),
+    (["passkey", "--task", "lookup", "--facts", "12"], "--facts: a lookup hides 1 to 9 named facts, not '12'"),
 ])
 def test_bad_input(tiny, args, message):
     r = run(*args, "--model", str(tiny), "--adapter", "none")
