@@ -10,7 +10,8 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 from safetensors.torch import save_file
 
-from generate import SHIPPED_ADAPTER, format_input, layout, load_model, pass_key_prefix, pick_dtype, prepare, sample
+from generate import (SHIPPED_ADAPTER, SHIPPED_QA_ADAPTER, format_input, layout, load_model, pass_key_prefix, pick_dtype,
+                      prepare, sample)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,12 +85,17 @@ def test_dtype_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_shipped_bf16_adapter_loads_into_a_model_of_either_dtype(smollm2, dtype):
+@pytest.mark.parametrize("question", [False, True])
+def test_the_shipped_bf16_adapters_load_into_a_model_of_either_dtype(smollm2, dtype, question):
+    """The language-modelling adapter (4 injection layers) when continuing a text, the question-answering one (16,
+    MaxSim) for a question."""
     from safetensors.torch import load_file
-    shipped = load_file(SHIPPED_ADAPTER)
+    path = SHIPPED_QA_ADAPTER if question else SHIPPED_ADAPTER
+    shipped = load_file(path)
     assert {t.dtype for t in shipped.values()} == {torch.bfloat16}  # the file is bf16
-    model, _, adapter = load_model("smollm2-135m", "auto", "cpu", dtype)
-    assert adapter == str(SHIPPED_ADAPTER)
+    model, _, adapter = load_model("smollm2-135m", "auto", "cpu", dtype, question=question)
+    assert adapter == str(path) and Path(path).with_suffix(".json").is_file()  # with its record
+    assert (model.cfg.n_inject, model.cfg.policy) == ((16, "maxsim") if question else (4, "cosine"))
     params = model.state_dict()
     assert {p.dtype for p in params.values()} == {dtype}
     for name, tensor in shipped.items():
