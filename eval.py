@@ -64,8 +64,8 @@ ppl.add_argument("--full_max", type=int, default=8192, help="longest input for -
 passkey = command("passkey", "pass-key retrieval accuracy, length x depth", [8192, 32768, 131072], MODES[:2])
 passkey.add_argument("--task", choices=["passkey", "lookup"], default="passkey", help="passkey: one key to find; "
                      "lookup: the named fact asked for among --facts of one kind (\"The locker code of Ada is ...\")")
-passkey.add_argument("--facts", type=checked(int, lambda n: 1 <= n <= len(NAMES), f"a lookup hides 1 to {len(NAMES)} named facts"),
-                     default=4, help="lookup: named facts hidden, the others at random depths")
+passkey.add_argument("--facts", default=4, help="lookup: named facts hidden, the others at random depths",
+                     type=checked(int, lambda n: 1 <= n <= len(NAMES), f"a lookup hides 1 to {len(NAMES)} named facts"))
 passkey.add_argument("--depths", nargs="+", default=[0, 0.25, 0.5, 0.75, 1], help="needle depths (fractions)",
                      type=checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction from 0 to 1"))
 passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")

@@ -94,8 +94,9 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 
 
 def pass_key_prefix(tokenizer, words: str = "The pass key is") -> str:
-    """How the answer starts: "The pass key is ", with the space where the tokenizer writes a number's space as a
-    token of its own (SmolLM2: " 604" -> " ", "6", "0", "4"), so that the key's first digit is what comes next."""
+    """How the answer starts: "The pass key is " (or other words), with the space where the tokenizer writes a
+    number's space as a token of its own (SmolLM2: " 604" -> " ", "6", "0", "4"), so that the key's first digit
+    is what comes next."""
     spaced, answer = (tokenizer.encode(f"{words} {d}", add_special_tokens=False).ids for d in ("", "6"))
     return f"{words} " if answer[:len(spaced)] == spaced else words
 

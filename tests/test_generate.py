@@ -10,8 +10,8 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 from safetensors.torch import save_file
 
-from generate import (SHIPPED_ADAPTER, SHIPPED_QA_ADAPTER, format_input, layout, load_model, pass_key_prefix, pick_dtype,
-                      prepare, sample)
+from generate import (SHIPPED_ADAPTER, SHIPPED_QA_ADAPTER, format_input, layout, load_model, pass_key_prefix,
+                      pick_dtype, prepare, sample)
 
 ROOT = Path(__file__).resolve().parent.parent
 
