@@ -195,7 +195,7 @@ def load_adapter(model: Transformer, path):
     if odd:
         raise LoadError(f"adapter {path} does not match the model's cross-attention (first mismatch: {odd[0]}); "
                         f"it was trained for another model or n_inject")
-    for key in ("chunk_len", "tree_depth", "finest_stride", "policy"):  # as trained, unless overridden
+    for key in ("chunk_len", "tree_depth", "finest_stride", "policy", "logn"):  # as trained, unless overridden
         if key in trained:
             setattr(model.cfg, key, trained[key])
     model.load_state_dict({k: v.to(params[k].dtype) for k, v in tensors.items()}, strict=False)

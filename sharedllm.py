@@ -45,6 +45,7 @@ class Config:
     tree_depth: int = 3  # h
     finest_stride: int = 4  # stride of the deepest level; each level above doubles it (16, 8, 4)
     policy: str = "cosine"  # query-aware descent for questions: the paper's last-token cosine, or MaxSim
+    logn: bool = False  # cross-attention logits x log(entries) / log(entries per chunk): sharper over many chunks
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -198,6 +199,7 @@ class Memory:
     cos: torch.Tensor  # (B, 1, D): sequence b's queries, rotated one past its last chunk (n_b by default)
     sin: torch.Tensor
     trees: list  # per sequence, per chunk: the preserved tree.Node list (for inspection, e.g. --show_tree)
+    scale: torch.Tensor | float = 1.0  # (B, 1, 1, 1) with Config.logn: the factor on sequence b's logits
 
 
 @dataclass
@@ -231,7 +233,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, k, v, memory: Memory):
         B, T, _ = x.shape
-        q = self.queries(x, memory)
+        q = self.queries(x, memory) * memory.scale
         mask = memory.mask[:, None, None, :] if memory.mask is not None else None  # (B, 1, 1, S)
         y = attend(q, k, v, mask)  # non-causal: every query reads all memory entries
         return torch.tanh(self.gate) * self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -417,7 +419,11 @@ class Transformer(nn.Module):
         last = [max(chunk_positions[b]) if chunk_positions is not None else count - 1 for b, count in enumerate(counts)]
         cos, sin = rope_cos_sin(inv_freq, torch.tensor([[p + 1] for p in last], device=device))  # (B, 1, D)
         trees = [nodes[a:a + count] for a, count in zip(starts, counts)]
-        return Memory(k, v, None if mask is None else mask.to(device), cos, sin, trees)
+        scale = 1.0  # log-n (Qwen) / scalable softmax, counted in chunks: 1 for one chunk, ~1.8 for 124 (issue 14)
+        if cfg.logn:
+            n = lengths.double()
+            scale = (n.log() / (n / torch.tensor(counts)).log()).clamp(min=1)[:, None, None, None].to(device, dtype)
+        return Memory(k, v, None if mask is None else mask.to(device), cos, sin, trees, scale)
 
     # -------------------------------------------------------------------------
     # A pool of chunks encoded once (DESIGN Sec. 11): the lower layers are frozen and each node is its own sequence,

@@ -45,6 +45,8 @@ parser.add_argument("--finest_stride", type=at_least(1), default=4, help="keep e
 parser.add_argument("--tune", default="xattn", choices=["xattn", "top", "all"],
                     help="xattn: cross-attention + gates; top: also layers M..N-1; all: the whole model")
 parser.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"], help="query-aware descent (QA)")
+parser.add_argument("--logn", action="store_true", help="scale cross-attention logits by log(entries) / log(entries "
+                    "per chunk): 1 for one chunk, sharper over many (Qwen's log-n; a departure from the paper)")
 parser.add_argument("--retrieval", type=FRACTION, default=0.5, help="share of generated retrieval samples (built-in)")
 parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="the generated retrieval "
                     "tasks (their shares renormalised): pass keys among other codes, named-fact lookups, quotes")
@@ -294,12 +296,13 @@ def main(argv=None):
     # 1. Model: fp32 master weights; only the chosen part trains. The lower pass runs under no_grad.
     try:
         model, tokenizer = load_llama(args.model, device=device, n_inject=args.n_inject, chunk_len=L,
-                                      finest_stride=args.finest_stride, policy=args.policy)
+                                      finest_stride=args.finest_stride, policy=args.policy, logn=args.logn)
         if args.init:
             if not Path(args.init).is_file():
                 sys.exit(f"error: --init {args.init} does not exist; give an adapter.safetensors that train.py wrote")
             load_adapter(model, args.init)
             model.cfg.chunk_len, model.cfg.finest_stride, model.cfg.policy = L, args.finest_stride, args.policy  # ours
+            model.cfg.logn = args.logn
     except LoadError as e:
         sys.exit(f"error: {e}")
     cfg, M = model.cfg, model.cfg.n_inject
@@ -472,7 +475,7 @@ def main(argv=None):
 
 def checkpoint_config(model, args):
     keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_inject", "chunk_len", "tree_depth",
-            "finest_stride", "policy")
+            "finest_stride", "policy", "logn")
     return {**{k: getattr(model.cfg, k) for k in keys}, "tune": args.tune}
 
 
@@ -555,7 +558,7 @@ def load_checkpoint(path: Path, model, opt, trainable, args) -> int:
         sys.exit(f"error: --resume: no checkpoint at {path}; train without --resume first")
     with safe_open(path, framework="pt", device="cpu") as f:
         meta = f.metadata()
-        saved = json.loads(meta["config"])
+        saved = {"logn": False, **json.loads(meta["config"])}  # checkpoints from before --logn had none
         ours = checkpoint_config(model, args)
         if saved != ours:
             diff = ", ".join(f"{k}={saved.get(k)} (now {ours[k]})" for k in ours if saved.get(k) != ours[k])

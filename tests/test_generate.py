@@ -88,14 +88,15 @@ def test_dtype_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
 @pytest.mark.parametrize("question", [False, True])
 def test_the_shipped_bf16_adapters_load_into_a_model_of_either_dtype(smollm2, dtype, question):
     """The language-modelling adapter (4 injection layers) when continuing a text, the question-answering one (16,
-    MaxSim) for a question."""
+    MaxSim, log-n scale) for a question."""
     from safetensors.torch import load_file
     path = SHIPPED_QA_ADAPTER if question else SHIPPED_ADAPTER
     shipped = load_file(path)
     assert {t.dtype for t in shipped.values()} == {torch.bfloat16}  # the file is bf16
     model, _, adapter = load_model("smollm2-135m", "auto", "cpu", dtype, question=question)
     assert adapter == str(path) and Path(path).with_suffix(".json").is_file()  # with its record
-    assert (model.cfg.n_inject, model.cfg.policy) == ((16, "maxsim") if question else (4, "cosine"))
+    assert (model.cfg.n_inject, model.cfg.policy, model.cfg.logn) == ((16, "maxsim", True) if question
+                                                                       else (4, "cosine", False))
     params = model.state_dict()
     assert {p.dtype for p in params.values()} == {dtype}
     for name, tensor in shipped.items():

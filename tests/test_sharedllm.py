@@ -98,9 +98,11 @@ def test_cached_decoding_with_fixed_memory_equals_recomputing(seed, T, data):
     assert torch.allclose(last, full[:, -1:], atol=1e-6)
 
 
-def test_batched_sequences_with_different_lengths_equal_each_alone():
-    """Padding the memory of a shorter context and masking it changes nothing for that sequence."""
-    model = tiny(1, gates=0.9)
+@pytest.mark.parametrize("logn", [False, True])
+def test_batched_sequences_with_different_lengths_equal_each_alone(logn):
+    """Padding the memory of a shorter context and masking it changes nothing for that sequence (nor its logn
+    factor, counted on its own entries)."""
+    model = tiny(1, gates=0.9, logn=logn)
     torch.manual_seed(0)
     contexts, xd = [torch.randint(0, V, (4 * L,)), torch.randint(0, V, (1 * L,))], torch.randint(0, V, (2, 12))
     q = make_query(model, "cosine", xd)
@@ -109,6 +111,18 @@ def test_batched_sequences_with_different_lengths_equal_each_alone():
         for b in range(2):
             alone = model(xd[b:b + 1], memory=model.encode_context([contexts[b]], q[b:b + 1]))
             assert torch.allclose(both[b], alone[0], atol=1e-5)
+
+
+def test_logn_changes_nothing_for_one_chunk_and_sharpens_many():
+    """The factor is 1 for a one-chunk memory (a one-chunk-trained adapter reads it as before) and > 1 beyond."""
+    plain, logn = tiny(3, gates=0.8), tiny(3, gates=0.8, logn=True)
+    torch.manual_seed(0)
+    xd = torch.randint(0, V, (1, 10))
+    with torch.no_grad():
+        for n in (1, 4):
+            context = torch.randint(0, V, (1, n * L))
+            a, b = plain(xd, memory=plain.encode_context(context)), logn(xd, memory=logn.encode_context(context))
+            assert torch.allclose(a, b, atol=1e-6) == (n == 1)
 
 
 def test_group_size_and_padded_nodes_change_nothing():
@@ -183,9 +197,11 @@ def test_lower_pass_is_the_bottom_layers_of_the_same_model():
     assert torch.equal(before.k[0], changed.k[0]) and not torch.allclose(before.k[1], changed.k[1])
 
 
-def test_cross_attention_matches_a_manual_softmax():
-    """The memory read, written out by hand: softmax(q k^T / sqrt(D)) v with chunk-level RoPE positions."""
-    model = tiny(5, gates=0.6)
+@pytest.mark.parametrize("logn", [False, True])
+def test_cross_attention_matches_a_manual_softmax(logn):
+    """The memory read, written out by hand: softmax(q k^T / sqrt(D)) v with chunk-level RoPE positions; with
+    logn the logits are multiplied by log(entries) / log(entries per chunk)."""
+    model = tiny(5, gates=0.6, logn=logn)
     torch.manual_seed(1)
     memory = model.encode_context(torch.randint(0, V, (1, 3 * L)))
     x = torch.randn(1, 9, model.cfg.dim)
@@ -196,7 +212,7 @@ def test_cross_attention_matches_a_manual_softmax():
         q = ca.wq(ca.norm(x)).view(1, 9, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         from sharedllm import apply_rope, rope_cos_sin, rope_inv_freq
         cos, sin = rope_cos_sin(rope_inv_freq(cfg), torch.tensor([3]))  # n = 3 chunks
-        q = apply_rope(q, cos, sin)
+        q = apply_rope(q, cos, sin) * (math.log(k.shape[2]) / math.log(k.shape[2] / 3) if logn else 1)
         rep = cfg.n_heads // cfg.n_kv_heads
         att = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2) / math.sqrt(cfg.head_dim)).softmax(-1)
         y = (att @ v.repeat_interleave(rep, 1)).transpose(1, 2).reshape(1, 9, -1)
