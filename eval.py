@@ -219,7 +219,7 @@ def run_passkey(args, model, tokenizer):
     Ada is "."""
     rng = random.Random(args.seed)
     lengths, depths, modes = args.lengths, args.depths, args.modes
-    filler = text_tokens(tokenizer, max(lengths), args.held_out)
+    filler, key_prefix = text_tokens(tokenizer, max(lengths), args.held_out), pass_key_prefix(tokenizer)
     needles, questions = (NEEDLES[1], QUESTIONS[1]) if args.held_out else ([NEEDLE], ["What is the pass key?"])
     facts, lookups = (FACTS[1], LOOKUPS[1]) if args.held_out else (FACTS[0][:1], LOOKUPS[0][:1])
     correct, outside = {}, {}  # outside: the trials whose key lay before the running text (sharedllm: in the tree)
@@ -230,7 +230,7 @@ def run_passkey(args, model, tokenizer):
                 start = rng.randrange(max(len(filler) - T, 1))
                 if args.task == "passkey":
                     hidden, question = [(depth, rng.choice(needles).format(key=key))], rng.choice(questions)
-                    prefix = pass_key_prefix(tokenizer)
+                    prefix = key_prefix
                 else:  # the fact asked for at the depth, the other names' facts (other keys) anywhere
                     names, thing = rng.sample(NAMES, args.facts), rng.choice(THINGS)
                     hidden = [(depth if i == 0 else rng.random(), rng.choice(facts).format(

@@ -563,7 +563,7 @@ def load_checkpoint(path: Path, model, opt, trainable, args) -> int:
         if saved != ours:
             diff = ", ".join(f"{k}={saved.get(k)} (now {ours[k]})" for k in ours if saved.get(k) != ours[k])
             sys.exit(f"error: --resume: {path} was trained with another model or config: {diff}; use the same "
-                     f"--model/--tune/--n_inject/--chunk, or another --out")
+                     f"--model/--tune/--n_inject/--chunk/--logn, or another --out")
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(f.get_tensor(n))
