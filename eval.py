@@ -70,6 +70,8 @@ passkey.add_argument("--depths", nargs="+", default=[0, 0.25, 0.5, 0.75, 1], hel
                      type=checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction from 0 to 1"))
 passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")
 passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent (default: the adapter's)")
+passkey.add_argument("--top_chunks", type=at_least(0), default=4, help="only the k chunks that best match the "
+                     "question get a tree (0: all)")
 passkey.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens (the rest: the tree)")
 passkey.add_argument("--held_out", action="store_true", help="filler, needle and question wordings that training "
                      "never uses (the stdlib's packages; train.py's validation wordings)")
@@ -245,7 +247,7 @@ def run_passkey(args, model, tokenizer):
                 digits = tokenizer.encode(f" {key}").ids
                 for mode in modes:
                     ids, n, tokens, memory, _ = prepare(model, tokenizer, text, question, prefix, mode,
-                                                        args.policy, 8, args.running)
+                                                        args.policy, 8, args.running, top_chunks=args.top_chunks)
                     out = list(generate(model, tokens, memory, 8, set(), GREEDY))
                     found = re.findall(r"\d+", tokenizer.decode(out))
                     correct.setdefault((mode, T, depth), []).append(bool(found) and found[0] == str(key))

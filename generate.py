@@ -74,6 +74,8 @@ parser.add_argument("--mode", default="sharedllm", choices=["sharedllm", "window
                          "full: plain attention over the whole input")
 parser.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent: the paper's last-token "
                     "cosine, or token-level MaxSim (default: the adapter's, else cosine)")
+parser.add_argument("--top_chunks", type=at_least(0), default=4, help="with a question and MaxSim: only the k "
+                    "context chunks whose word pairs best match it get a tree (0: every chunk; a departure from the paper)")
 parser.add_argument("--max_new_tokens", type=at_least(1), help="tokens to generate at most (128; demo: 12)")
 parser.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0: greedy")
 parser.add_argument("--top_k", type=at_least(0), default=0, help="sample from the k likeliest tokens (0: all)")
@@ -174,7 +176,7 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator) -> i
 
 
 def prepare(model, tokenizer, document, prompt, answer_prefix="", mode="sharedllm", policy=None,
-            max_new_tokens=128, running=4096, progress=False):
+            max_new_tokens=128, running=4096, progress=False, top_chunks=0):
     """Tokenise, lay out (DESIGN Sec. 6: X_C = the first n*L tokens, X_D = the rest) and build the memory once:
     query-aware with the question's last token (or its tokens, MaxSim), right-policy when continuing a text.
     -> (ids, n, running tokens (1, T), memory or None, tree seconds). ValueError on input that cannot fit."""
@@ -199,7 +201,7 @@ def prepare(model, tokenizer, document, prompt, answer_prefix="", mode="sharedll
             states = model.query_states(tokens)[0]
             cosine = (policy or cfg.policy) == "cosine"  # default: the policy the adapter was trained with
             query = states[q_last - split][None] if cosine else states[q_first - split:q_last - split + 1][None]
-        memory = model.encode_context(context[None], query, progress=progress)
+        memory = model.encode_context(context[None], query, progress=progress, top_chunks=top_chunks)
     return ids, n, tokens, memory, time.time() - t0
 
 
@@ -233,13 +235,17 @@ def demo_document(tokenizer, seed: int, n_tokens: int = 100_000):
 def show_tree(trees, ids, L, tokenizer, width=64):
     """One line per chunk: a bar with a character per L/width tokens ('.', ':', '#' from coarse to fine) and
     the start of the finest kept text."""
-    marks = ".:#" if len(trees[0]) == 4 else ".:-=+*#%@"
+    marks = ".:#" if max(len(nodes) for nodes in trees) == 4 else ".:-=+*#%@"
     for c, nodes in enumerate(trees):
+        if not nodes:  # dropped by --top_chunks
+            continue
         bar = "".join(marks[min(n.level, len(marks)) - 1] * round((n.end - n.start) * width / L) for n in nodes)
         finest = [n for n in nodes if n.level == max(m.level for m in nodes)]
         start = c * L + finest[0].start
         text = tokenizer.decode(ids[start:start + 12]).replace("\n", " ")
         print(f"chunk {c:4d} [{c * L}:{(c + 1) * L}] {bar} finest from {start}: {text!r}", file=sys.stderr)
+    if not all(trees):
+        print(f"{sum(not nodes for nodes in trees)} of {len(trees)} chunks dropped (--top_chunks)", file=sys.stderr)
 
 
 def main():
@@ -280,7 +286,7 @@ def main():
     # 3. Layout and memory, built once.
     try:
         ids, n, running, memory, t_tree = prepare(model, tokenizer, document, prompt, answer_prefix, args.mode,
-                                                  args.policy, args.max_new_tokens, args.running, progress=True)
+                                                  args.policy, args.max_new_tokens, args.running, True, args.top_chunks)
     except ValueError as e:
         usage_error(str(e))
     if args.mode == "full" and len(ids) + args.max_new_tokens > cfg.max_seq_len:
@@ -313,6 +319,8 @@ def main():
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     entries = memory.k[0].size(2) if memory is not None else 0
     beta = f", beta {split / entries:.1f}" if entries else ""
+    kept = sum(map(bool, memory.trees[0])) if memory is not None else 0
+    beta += f"; {n - kept} chunks dropped by --top_chunks" if kept < n and memory is not None else ""
     decode = f"{(len(out) - 1) / (t_end - t_first):.1f} tok/s" if len(out) > 1 else "n/a"
     print(f"[{args.mode}] input {len(ids)} tokens = {n} chunks x {cfg.chunk_len} in memory ({entries} kept entries "
           f"per layer{beta}) + {running.size(1)} running tokens; tree {t_tree:.1f} s; prefill "

@@ -370,17 +370,25 @@ class Transformer(nn.Module):
 
     @torch.no_grad()  # the lower model gets no gradient (DESIGN Sec. 5)
     def encode_context(self, context, query=None, chunk_positions=None, generator=None, group: int = 16,
-                       progress: bool = False) -> Memory:
+                       progress: bool = False, top_chunks: int | None = None) -> Memory:
         """Compress each sequence's context into memory for the bottom M layers.
 
         context: B token tensors, each a whole number (>= 1) of L-token chunks, or a (B, n*L) tensor.
         query: None for the right policy (language modelling); else per sequence a state (C,) for the paper's
         cosine policy or a block (q, C) for MaxSim, taken from query_states. chunk_positions: per sequence each
         chunk's position id (default 0..n-1; the queries sit one past the largest). generator: split noise
-        (training); None splits at exact halves. group: chunks per lower-pass batch, which bounds memory."""
+        (training); None splits at exact halves. group: chunks per lower-pass batch, which bounds memory.
+        top_chunks: with a MaxSim query, keep only that many chunks, those whose phrases best match the question (in
+        text order, at positions 0..k-1 unless chunk_positions says otherwise); the others get no tree (trees: [])."""
         cfg = self.cfg
         seqs = [tree.chunks(c, cfg.chunk_len) for c in context]  # B x (n_b, L)
         assert all(len(c) > 0 for c in seqs), "every sequence needs at least one context chunk"
+        picked = [torch.arange(len(c)) for c in seqs]
+        if top_chunks and query is not None and query[0].dim() == 2:  # a departure, after Landmark / InfLLM
+            picked = [self.select(c, q, top_chunks, group) for c, q in zip(seqs, query)]
+            seqs = [c[i] for c, i in zip(seqs, picked)]
+            if chunk_positions is not None:
+                chunk_positions = [[p[i] for i in keep.tolist()] for p, keep in zip(chunk_positions, picked)]
         flat = torch.cat(seqs)
         owner = [b for b, c in enumerate(seqs) for _ in range(len(c))]
         # 1. Trees and lower pass, a group of chunks at a time.
@@ -393,7 +401,24 @@ class Transformer(nn.Module):
             kv += group_kv
             bar.update(len(group_nodes))
         bar.close()
-        return self.assemble(nodes, kv, [len(c) for c in seqs], chunk_positions)
+        memory = self.assemble(nodes, kv, [len(c) for c in seqs], chunk_positions)
+        for b, (c, keep) in enumerate(zip(context, picked)):  # a tree per context chunk, [] where it was dropped
+            trees = [[] for _ in range(len(c) // cfg.chunk_len)]
+            for nodes_i, i in zip(memory.trees[b], keep.tolist()):
+                trees[i] = nodes_i
+            memory.trees[b] = trees
+        return memory
+
+    @torch.no_grad()
+    def select(self, chunks, query, top: int, group: int = 16) -> torch.Tensor:
+        """(n, L) chunks, a question's states (q, C) -> the indices, ascending, of the `top` chunks whose phrases best
+        match it (tree.phrase_maxsim on the layer-0 states of each half, as the descent's first level sees them)."""
+        if len(chunks) <= top:
+            return torch.arange(len(chunks))
+        L = self.cfg.chunk_len
+        scores = torch.cat([tree.phrase_maxsim(self.layer0_states(c.reshape(-1, L // 2))[0].reshape(len(c), L, -1),
+                                               query) for c in chunks.split(group)])
+        return scores.topk(top).indices.sort().values
 
     def assemble(self, nodes, kv, counts, chunk_positions=None) -> Memory:
         """Chunks' kept nodes and per-layer (k, v) (Hkv, E, D), all sequences' chunks in order, counts[b] of

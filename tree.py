@@ -90,6 +90,15 @@ def maxsim(states: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> tor
     return sims.masked_fill(~mask[:, None, :], -2.0).amax(-1).sum(-1)
 
 
+def phrase_maxsim(states: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """MaxSim over adjacent pairs: each pair of neighbouring question tokens against each pair in a chunk, the weaker
+    of its two cosines; the best per question pair, summed. A pair ("pass key") rarely matches by chance where single
+    tokens ("pass", "key") do, so it ranks whole chunks (--top_chunks). states (n, l, C), query (q, C) -> (n,)."""
+    sims = F.normalize(states.float(), dim=-1) @ F.normalize(query.float(), dim=-1).T  # (n, l, q)
+    pairs = torch.minimum(sims[:, :-1, :-1], sims[:, 1:, 1:]) if len(query) > 1 else sims
+    return pairs.amax(1).sum(-1)
+
+
 def maxsim_policy(s_left, m_left, s_right, m_right, query) -> torch.Tensor:
     """Descend where some span of the child best matches the question, token by token (DESIGN Sec. 10)."""
     return maxsim(s_right, m_right, query) > maxsim(s_left, m_left, query)

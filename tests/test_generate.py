@@ -161,6 +161,10 @@ def test_cli_long_file_gates_at_zero_equal_the_window_baseline(tmp_path):
     n = int(shared.stderr.split(" chunks x ")[0].split()[-1])
     assert n >= 5 and shared.stderr.count("\nchunk ") + shared.stderr.startswith("chunk ") == n
     assert f"{n * 128} kept entries per layer, beta 8.0" in shared.stderr
+    top = run(*common, "--show_tree", "--policy", "maxsim", "--top_chunks", "2")  # only 2 chunks get a tree
+    assert top.returncode == 0 and top.stdout == window.stdout, top.stderr
+    assert top.stderr.count("\nchunk ") == 2 and f"{n - 2} of {n} chunks dropped" in top.stderr
+    assert f"{2 * 128} kept entries per layer" in top.stderr and f"{n - 2} chunks dropped by --top_chunks" in top.stderr
 
 
 def test_cli_adapter_is_loaded_and_changes_the_answer(smollm2, tmp_path):

@@ -241,3 +241,31 @@ def test_query_aware_descent_finds_a_planted_copy_of_the_query(policy):
     for c, quarter in enumerate(quarters):
         finest = [node for node in memory.trees[0][c] if node.level == 3]
         assert (finest[0].start, finest[1].end) == (quarter * L // 4, (quarter + 1) * L // 4), (c, finest)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31), counts=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+       top=st.integers(1, 4), moved=st.booleans())
+def test_top_chunks_keeps_the_chunks_with_the_question_and_equals_encode_context_on_them(seed, counts, top, moved):
+    """Plant the question in one chunk per sequence: with top_chunks it is kept, and the memory equals
+    encode_context on the kept chunks alone (at their positions); dropped chunks have no tree."""
+    model = tiny(seed % 5)
+    rng = torch.Generator().manual_seed(seed)
+    question = torch.randint(0, V, (2, 6), generator=rng)
+    context = [torch.randint(0, V, (n, L), generator=rng) for n in counts]
+    planted = [int(torch.randint(0, n, (), generator=rng)) for n in counts]
+    for b, (c, at) in enumerate(zip(context, planted)):
+        c[at, 20:26] = question[b % 2]
+    xd = torch.cat([torch.randint(0, V, (len(counts), 10), generator=rng), question[[b % 2 for b in range(len(counts))]]], 1)
+    query = model.query_states(xd)[:, -6:]
+    positions = [sorted(torch.randperm(300, generator=rng)[:n].tolist()) for n in counts] if moved else None
+    got = model.encode_context([c.flatten() for c in context], query, chunk_positions=positions, top_chunks=top)
+    kept = [[i for i, t in enumerate(trees) if t] for trees in got.trees]
+    assert [len(k) for k in kept] == [min(top, n) for n in counts]
+    assert all(at in k for at, k in zip(planted, kept))
+    want = model.encode_context([c[k].flatten() for c, k in zip(context, kept)], query,
+                                chunk_positions=positions and [[p[i] for i in k] for p, k in zip(positions, kept)])
+    assert [[t for t in trees if t] for trees in got.trees] == want.trees
+    assert torch.equal(got.cos, want.cos) and (got.mask is None) == (want.mask is None)
+    for a, b in zip(got.k + got.v, want.k + want.v):
+        assert torch.equal(a, b)

@@ -81,3 +81,15 @@ def test_maxsim_finds_the_span_anywhere_and_ignores_padding():
     mask = ones.clone()
     mask[0, 9] = False
     assert tree.maxsim(left, mask, query) < tree.maxsim(right, ones, query)
+
+
+def test_phrase_maxsim_ranks_the_adjacent_pair_above_the_same_tokens_apart():
+    eye = torch.eye(8)
+    query = eye[[1, 2, 3]]  # three question tokens: pairs (1, 2) and (2, 3)
+    together = eye[[0, 1, 2, 3, 0, 0]][None]  # the question's pairs side by side
+    apart = eye[[1, 0, 2, 0, 3, 0]][None]  # the same tokens, never adjacent
+    ones = torch.ones(1, 6, dtype=torch.bool)
+    assert tree.maxsim(together, ones, query[None]) == tree.maxsim(apart, ones, query[None])  # tokens alone tie
+    assert tree.phrase_maxsim(together, query).item() == 2.0
+    assert tree.phrase_maxsim(apart, query).item() == 0.0
+    assert tree.phrase_maxsim(apart, query[:1]).item() == 1.0  # one question token: plain MaxSim
