@@ -403,10 +403,8 @@ class Transformer(nn.Module):
         bar.close()
         memory = self.assemble(nodes, kv, [len(c) for c in seqs], chunk_positions)
         for b, (c, keep) in enumerate(zip(context, picked)):  # a tree per context chunk, [] where it was dropped
-            trees = [[] for _ in range(len(c) // cfg.chunk_len)]
-            for nodes_i, i in zip(memory.trees[b], keep.tolist()):
-                trees[i] = nodes_i
-            memory.trees[b] = trees
+            trees = dict(zip(keep.tolist(), memory.trees[b]))
+            memory.trees[b] = [trees.get(i, []) for i in range(len(c) // cfg.chunk_len)]
         return memory
 
     @torch.no_grad()
