@@ -47,7 +47,11 @@ parser.add_argument("--tune", default="xattn", choices=["xattn", "top", "all"],
 parser.add_argument("--policy", default="cosine", choices=["cosine", "maxsim"], help="query-aware descent (QA)")
 parser.add_argument("--logn", action="store_true", help="scale cross-attention logits by log(entries) / log(entries "
                     "per chunk): 1 for one chunk, sharper over many (Qwen's log-n; a departure from the paper)")
-parser.add_argument("--retrieval", type=FRACTION, default=0.5, help="share of generated retrieval samples (built-in)")
+parser.add_argument("--retrieval", type=FRACTION, help="share of generated retrieval samples, their filler from the "
+                    "data (default: 0.5 with the built-in mix, 0 with --data)")
+parser.add_argument("--in_running", type=FRACTION, default=0.0, help="share of retrieval samples whose asked fact "
+                    "lies in the running text, shortly before the question, instead of the context")
+parser.add_argument("--lookup_facts", type=at_least(1), default=1, help="fewest named facts of one kind in a lookup")
 parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="the generated retrieval "
                     "tasks (their shares renormalised): pass keys among other codes, named-fact lookups, quotes")
 parser.add_argument("--max_chunks", type=at_least(1), help="most context chunks of a retrieval sample (default: "
@@ -166,8 +170,9 @@ def key_formatter(rng):
                        lambda: f"{rng.choice('ABCDEFGHJK')}{rng.randint(100, 999)}-{rng.randint(1000, 9999)}"])
 
 
-def retrieval_task(rng, key_format, n_facts, split, tasks=tuple(TASKS)):
-    """n_facts sentences to hide, a question about the first, its answer -> (facts, question, answer)."""
+def retrieval_task(rng, key_format, n_facts, split, tasks=tuple(TASKS), lookup_facts=1):
+    """n_facts sentences to hide (a lookup: at least lookup_facts), a question about the first, its answer
+    -> (facts, question, answer)."""
     draw, total, kind = rng.random() * sum(TASKS[t] for t in tasks), 0.0, tasks[-1]
     for t in tasks:  # the tasks' shares, renormalised
         total += TASKS[t]
@@ -181,8 +186,8 @@ def retrieval_task(rng, key_format, n_facts, split, tasks=tuple(TASKS)):
         facts = facts[:1] + [f.replace("pass key", "backup code") for f in facts[1:]]  # distractors: other names
         return facts, rng.choice(QUESTIONS[split]), f"The pass key is {key}."
     if kind == "lookup":  # several named facts: a key-value lookup
-        names, thing = rng.sample(NAMES, n_facts), rng.choice(THINGS)
-        keys = [key_format() for _ in range(n_facts)]
+        names, thing = rng.sample(NAMES, max(n_facts, lookup_facts)), rng.choice(THINGS)
+        keys = [key_format() for _ in names]
         facts = [rng.choice(FACTS[split]).format(thing=thing, name=n, key=k) for n, k in zip(names, keys)]
         question = rng.choice(LOOKUPS[split]).format(thing=thing, name=names[0])
         return facts, question, f"The {thing} of {names[0]} is {keys[0]}."
@@ -191,9 +196,11 @@ def retrieval_task(rng, key_format, n_facts, split, tasks=tuple(TASKS)):
     return facts, rng.choice(QUOTE_QUESTIONS[split]).format(name=names[0]), facts[0]
 
 
-def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0, tasks=tuple(TASKS)):
+def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0, tasks=tuple(TASKS), lookup_facts=1,
+                     in_running=False):
     """A long document of real text with one or several facts hidden at random depths; a question about one;
     its answer: a pass key among differently named codes, a key-value lookup, or a sentence to quote word for word.
+    in_running: the asked fact goes into the document's last ~D/2 tokens (the running text), the others before.
     -> (document, question, answer)."""
     key_format = key_formatter(rng)
     length = n_ctx * L + D + 64  # enough that the prompt yields n_ctx whole chunks before the running text
@@ -201,25 +208,30 @@ def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0, tasks=tuple(T
     text = tokenizer.decode(filler[start:start + length])
     in_context = int(len(text) * n_ctx * L / length)  # facts go into the context chunks, never the running text
     cuts = sorted(rng.randrange(in_context) for _ in range(rng.choice([1, 1, 2, 3])))
-    facts, question, answer = retrieval_task(rng, key_format, len(cuts), split, tasks)
+    facts, question, answer = retrieval_task(rng, key_format, len(cuts), split, tasks, lookup_facts)
+    cuts += sorted(rng.randrange(in_context) for _ in facts[len(cuts):])  # a lookup's extra facts
     order = list(range(len(cuts)))
     rng.shuffle(order)
+    if in_running:  # ~4 characters a token: within the document's last D/2 tokens, which the running text holds
+        cuts[order.index(0)] = len(text) - rng.randrange(1, 2 * D)
     for cut, i in sorted(zip(cuts, order), reverse=True):
         text = text[:cut] + f" {facts[i]} " + text[cut:]
     return text, question, answer
 
 
-def pooled_sample(rng, filler, tokenizer, n_ctx, L, D, pool_size, split=0, tasks=tuple(TASKS)):
+def pooled_sample(rng, filler, tokenizer, n_ctx, L, D, pool_size, split=0, tasks=tuple(TASKS), lookup_facts=1,
+                  in_running=False):
     """A retrieval sample laid out chunk by chunk for training with a pool (DESIGN Sec. 11): chunk 0 (the chat
     header and filler) and the chunks that hold a fact are fresh; every other chunk is a row of the filler pool.
     -> (fresh chunks (k, L), the n_ctx chunks in order as pool rows or -1 for the next fresh one, the running
-    text's ids with the answer, question (first, last) and answer start in running-text coordinates)."""
+    text's ids with the answer, question (first, last) and answer start in running-text coordinates).
+    in_running: the asked fact is hidden in the running text instead."""
     key_format, n_facts = key_formatter(rng), rng.choice([1, 1, 2, 3])
-    facts, question, answer = retrieval_task(rng, key_format, n_facts, split, tasks)
+    facts, question, answer = retrieval_task(rng, key_format, n_facts, split, tasks, lookup_facts)
     text, span = format_input(tokenizer, "\x00", question)  # the chat format, split around the document
     cut = text.index("\x00")
     head, tail = tokenizer.encode(text[:cut]).ids, tokenizer.encode(text[cut + 1:], add_special_tokens=False)
-    homes = [rng.randrange(n_ctx) for _ in facts]  # the chunk each fact is hidden in
+    homes = [-1 if in_running and i == 0 else rng.randrange(n_ctx) for i in range(len(facts))]  # each fact's chunk
     order, fresh = [], []
     for c in range(n_ctx):
         mine = [tokenizer.encode(f" {f} ", add_special_tokens=False).ids for f, h in zip(facts, homes) if h == c]
@@ -236,8 +248,13 @@ def pooled_sample(rng, filler, tokenizer, n_ctx, L, D, pool_size, split=0, tasks
         fresh.append(head * (c == 0) + body)
         order.append(-1)
     start = rng.randrange(len(filler) - D)
-    running = filler[start:start + D] + tail.ids  # the document's last D tokens, then the question
-    inside = [D + i for i, (a, b) in enumerate(tail.offsets) if a < span[1] - cut - 1 and b > span[0] - cut - 1]
+    running = filler[start:start + D]  # the document's last D tokens, then the question
+    if in_running:
+        at = rng.randrange(D // 2, D + 1)
+        running = running[:at] + tokenizer.encode(f" {facts[0]} ", add_special_tokens=False).ids + running[at:]
+    q = (span[0] - cut - 1, span[1] - cut - 1)  # the question's characters in the tail
+    inside = [len(running) + i for i, (a, b) in enumerate(tail.offsets) if a < q[1] and b > q[0]]
+    running += tail.ids
     return torch.tensor(fresh), order, running + response_ids(tokenizer, answer), (inside[0], inside[-1]), len(running)
 
 
@@ -324,8 +341,8 @@ def main(argv=None):
     eos = (cfg.eos_ids or (0,))[0]
     stream = [t for enc in tokenizer.encode_batch(docs) for t in enc.ids + [eos]]
     n_seq = len(stream) // args.seq
-    retrieval = args.retrieval if not args.data else 0.0
-    if n_seq < args.val + 1 and not qa:
+    retrieval = args.retrieval if args.retrieval is not None else 0.0 if args.data else 0.5
+    if n_seq < args.val + 1 and (not qa or retrieval):
         sys.exit(f"error: the data has {len(stream)} tokens; {(args.val + 1) * args.seq} are needed for one "
                  f"training and {args.val} held-out sequences of --seq {args.seq}; add text or lower --val/--seq")
     n_train = max(n_seq - args.val, 0)
@@ -359,13 +376,14 @@ def main(argv=None):
             return *make_example(ids, n, L, (q0, q1), a), None, None
         if rng.random() < retrieval:
             n_ctx = rng.randint(args.min_chunks, max_chunks) if split == 0 else rng.randint(1, (args.seq - D) // L)
+            near = bool(args.in_running) and rng.random() < args.in_running  # no draw at 0: old runs unchanged
             if pool is not None and split == 0:  # context: the fresh chunks only
                 fresh, order, ids, q, a = pooled_sample(rng, fillers[0], tokenizer, n_ctx, L, D, args.pool, 0,
-                                                         args.tasks)
+                                                         args.tasks, args.lookup_facts, near)
                 parts = (fresh.view(-1), *make_example(ids, 0, L, q, a)[1:])
             else:
                 doc, question, answer = retrieval_sample(rng, fillers[split], tokenizer, n_ctx, L, D, split,
-                                                         args.tasks)
+                                                         args.tasks, args.lookup_facts, near)
                 ids, n, q0, q1, a = encode_qa(tokenizer, doc, question, answer, L, D)
                 order, parts = None, make_example(ids, n, L, (q0, q1), a)
             far = args.positions > n_ctx and split == 0  # Eq. 2's chunk positions, spread out (PoSE-style)

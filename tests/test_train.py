@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 import sharedllm
 import train
@@ -47,6 +48,18 @@ def test_twenty_steps_decrease_the_loss(tiny, text_file, tmp_path, capsys):
     losses = [float(x) for x in re.findall(r"step \d+ loss ([\d.]+)", capsys.readouterr().err)]
     assert len(losses) == 20
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+
+def test_retrieval_samples_take_their_filler_from_data_only_when_asked(tiny, text_file, tmp_path, monkeypatch):
+    fillers, draw = [], train.retrieval_sample
+    monkeypatch.setattr(train, "retrieval_sample", lambda rng, filler, *a: fillers.append(filler) or draw(rng, filler,
+                                                                                                         *a))
+    train.main(base_args(tiny, tmp_path / "a", "--data", str(text_file), "--steps", "1", "--grad_accum", "2"))
+    assert not fillers  # --data alone: language modelling only
+    train.main(base_args(tiny, tmp_path / "b", "--data", str(text_file), "--steps", "1", "--grad_accum", "2",
+                         "--retrieval", "1.0", "--val", "0"))
+    tok = Tokenizer.from_file(str(tiny / "tokenizer.json"))
+    assert len(fillers) == 2 and tok.decode(fillers[0][:1000]) in text_file.read_text()  # the data's own text
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
@@ -126,6 +139,23 @@ def test_retrieval_samples_hide_their_answer_in_the_context_and_validation_wordi
             assert answer in document and name in answer
             quotes += 1
     assert quotes >= 10 and questions[0] and questions[1] and not questions[0] & questions[1]
+
+
+def test_in_running_puts_the_asked_fact_in_the_running_text_and_lookups_get_their_fewest_facts(smollm2):
+    tok, L, D = smollm2[1], 256, 64
+    filler = tok.encode(pydoc_text()[:200_000]).ids
+    for i in range(24):
+        args = (filler, tok, 1 + i % 3, L, D)
+        doc, question, answer = train.retrieval_sample(random.Random(i), *args, 0, ("passkey", "lookup"), 4, True)
+        ids, n, q0, q1, a = train.encode_qa(tok, doc, question, answer, L, D)
+        context, running, _, _ = train.make_example(ids, n, L, (q0, q1), a)
+        fresh, _, p_ids, _, p_a = train.pooled_sample(random.Random(i), *args, 5, 0, ("passkey", "lookup"), 4, True)
+        for ctx, run, said in ((context, running[:a - n * L].tolist(), answer), (fresh, p_ids[:p_a], tok.decode(
+                p_ids[p_a:]))):
+            key = said.split()[-1][:-1]
+            assert key in tok.decode(run) and key not in tok.decode(ctx.view(-1).tolist()), (i, said)
+        if "pass key" not in question:  # a lookup: the asked name and at least 3 others, each with its key
+            assert len(re.findall(r"\b\d{5,7}\b|[A-K]\d{3}-\d{4}", doc)) >= 4, doc
 
 
 @pytest.mark.parametrize("tasks", [("passkey", "lookup", "quote"), ("passkey", "lookup"), ("quote",)])
