@@ -2,6 +2,7 @@
 
     python eval.py speed                                        # 4K..128K, the three modes, one process
     python eval.py speed --lengths 4096 32768 --modes sharedllm full --new_tokens 16
+    python eval.py speed --question --lengths 131072 --modes sharedllm   # the QA path (generate.py --prompt)
     python eval.py descent --trials 200                         # does the tree keep a hidden key finely?
     python eval.py ppl                                          # perplexity at 4K..128K, with and without context
     python eval.py passkey --lengths 8192 32768 131072 --plot   # pass-key accuracy, length x depth
@@ -54,6 +55,9 @@ speed = command("speed", "time and peak memory vs input length, three modes side
 speed.add_argument("--new_tokens", type=at_least(2), default=32, help="tokens decoded after the prefill")
 speed.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens")
 speed.add_argument("--full_max", type=int, default=32768, help="longest input for --mode full (32K: ~6 min on 2 cores)")
+speed.add_argument("--question", action="store_true", help="sharedllm as generate.py --prompt: chat format, the "
+                   "question-answering adapter ('auto'), its MaxSim descent over the question, --top_chunks")
+speed.add_argument("--top_chunks", type=at_least(0), default=4, help="--question: chunks that get a tree (0: all)")
 descent = command("descent", "how often query-aware descent keeps a hidden pass key at the finest level")
 descent.add_argument("--trials", type=at_least(1), default=200, help="needles, each at a random offset of its chunk")
 descent.add_argument("--mass_trials", type=at_least(0), default=20, help="of them, with the attention measured")
@@ -73,6 +77,9 @@ passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware
 passkey.add_argument("--top_chunks", type=at_least(0), default=4, help="only the k chunks that best match the "
                      "question get a tree (0: all)")
 passkey.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens (the rest: the tree)")
+passkey.add_argument("--kept_at", choices=["0..k-1", "text"], default="0..k-1", help="where --top_chunks' kept chunks "
+                     "sit (Eq. 2): at positions 0..k-1 (as generate.py does), or with the text's gaps between them "
+                     "(an ablation; the queries one past the last kept chunk)")
 passkey.add_argument("--held_out", action="store_true", help="filler, needle and question wordings that training "
                      "never uses (the stdlib's packages; train.py's validation wordings)")
 passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (needs matplotlib)")
@@ -139,8 +146,13 @@ def run_speed(args, model, tokenizer):
             peak_mb(device, reset=True)
             sync()
             t0 = time.perf_counter()
-            memory = None
-            if mode == "sharedllm" and n > 0:  # 2. the context tree, query-aware (the question's last token)
+            memory, kept = None, n
+            if mode == "sharedllm" and args.question:  # 2. the context tree: as generate.py --prompt builds it
+                _, n, running, memory, _ = prepare(model, tokenizer, tokenizer.decode(ids[:T - 32]),
+                                                   "What is this text about?", "", "sharedllm", None,
+                                                   args.new_tokens, args.running, top_chunks=args.top_chunks)
+                kept = sum(map(bool, memory.trees[0])) if memory is not None else 0
+            elif mode == "sharedllm" and n > 0:  # 2. the context tree, query-aware (the question's last token)
                 query = model.query_states(running)[:, -1]
                 memory = model.encode_context(torch.tensor([tokens[:split]], device=device), query)
             sync()
@@ -152,7 +164,9 @@ def run_speed(args, model, tokenizer):
             total = steps[-1] - t0
             decode = (len(steps) - 1) / (steps[-1] - steps[0])
             tree_rate = (n * chunk_flops + query_flops) / (t1 - t0) / peak_rate if memory is not None else 0
-            rows.append([T, mode, n if mode == "sharedllm" else 0, running.size(1), f"{t1 - t0:.1f}",
+            tree_rate *= not args.question  # the FLOPs counted above are those of every chunk's tree
+            rows.append([T, mode, (f"{kept} of {n}" if args.question else n) if mode == "sharedllm" else 0,
+                         running.size(1), f"{t1 - t0:.1f}",
                          f"{steps[0] - t1:.1f}", f"{decode:.1f}", f"{total:.1f}", f"{peak_mb(device):.0f}",
                          f"{tree_rate:.0%}" if tree_rate else "", total])
 
@@ -225,6 +239,10 @@ def run_passkey(args, model, tokenizer):
     needles, questions = (NEEDLES[1], QUESTIONS[1]) if args.held_out else ([NEEDLE], ["What is the pass key?"])
     facts, lookups = (FACTS[1], LOOKUPS[1]) if args.held_out else (FACTS[0][:1], LOOKUPS[0][:1])
     correct, outside = {}, {}  # outside: the trials whose key lay before the running text (sharedllm: in the tree)
+    if args.kept_at == "text":  # every kept chunk at its own chunk index: the text's distances between them
+        encode, L = model.encode_context, model.cfg.chunk_len
+        model.encode_context = lambda context, query=None, **kw: encode(
+            context, query, chunk_positions=[list(range(c.numel() // L)) for c in context], **kw)
     for T in lengths:
         for depth in depths:
             for _ in range(args.trials):
@@ -330,8 +348,8 @@ if __name__ == "__main__":
         sys.exit("error: --plot needs matplotlib (pip install matplotlib); or run without --plot for the table")
     dtype, why = pick_dtype(args.dtype, args.device)
     try:
-        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device), dtype,
-                                               question=args.command in ("passkey", "descent"))
+        question = args.command in ("passkey", "descent") or getattr(args, "question", False)
+        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device), dtype, question)
     except LoadError as e:
         sys.exit(f"error: {e}")
     print(f"adapter: {adapter}; {dtype_name(dtype)} ({why})", file=sys.stderr)

@@ -74,6 +74,30 @@ def test_speed_prints_one_row_per_length_and_mode(tiny):
     assert by[("10240", "window")] == (0, 2048, "", "")  # the same running text, no tree
 
 
+def test_speed_with_a_question_builds_the_tree_as_generate_does(tiny):
+    r = run("speed", "--model", str(tiny), "--adapter", "none", "--lengths", "10240", "--new_tokens", "2",
+            "--running", "2048", "--modes", "sharedllm", "--question")
+    assert r.returncode == 0, r.stderr
+    rows = re.findall(r"^\| 10240 \| sharedllm \| (\d+) of (\d+) \| (\d+) \|", r.stdout, re.M)
+    assert len(rows) == 1, r.stdout
+    kept, n, running = map(int, rows[0])
+    assert kept == n and 1 <= n <= 8 and n * 1024 + running <= 10240 + 64  # gates at 0: the cosine policy keeps all
+
+
+def test_kept_at_text_gives_the_kept_chunks_their_places_in_the_text(tiny, monkeypatch):
+    import eval as bench
+    from generate import load_model
+    model, tokenizer, _ = load_model(str(tiny), "none")
+    seen, encode = [], model.encode_context
+    model.encode_context = lambda context, query=None, **kw: seen.append(kw.get("chunk_positions")) or encode(
+        context, query, **kw)
+    for kept_at, want in ("0..k-1", None), ("text", [list(range(8))]):
+        args = bench.parser.parse_args(["passkey", "--lengths", "10240", "--depths", "0", "--trials", "1", "--modes",
+                                        "sharedllm", "--running", "2048", "--kept_at", kept_at])
+        bench.run_passkey(args, model, tokenizer)
+        assert seen[-1] == want  # 8 chunks before the 2048 running tokens, at positions 0..7 either way here
+
+
 def test_descent_reports_hit_rates_and_attention_mass(tiny):
     r = run("descent", "--model", str(tiny), "--adapter", "none", "--trials", "3", "--mass_trials", "2")
     assert r.returncode == 0, r.stderr
