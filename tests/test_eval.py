@@ -84,7 +84,7 @@ def test_speed_with_a_question_builds_the_tree_as_generate_does(tiny):
     assert kept == n and 1 <= n <= 8 and n * 1024 + running <= 10240 + 64  # gates at 0: the cosine policy keeps all
 
 
-def test_kept_at_text_gives_the_kept_chunks_their_places_in_the_text(tiny, monkeypatch):
+def test_kept_at_text_gives_the_kept_chunks_their_places_in_the_text(tiny):
     import eval as bench
     from generate import load_model
     model, tokenizer, _ = load_model(str(tiny), "none")
