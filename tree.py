@@ -92,11 +92,18 @@ def maxsim(states: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> tor
 
 def phrase_maxsim(states: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """MaxSim over adjacent pairs: each pair of neighbouring question tokens against each pair in a chunk, the weaker
-    of its two cosines; the best per question pair, summed. A pair ("pass key") rarely matches by chance where single
-    tokens ("pass", "key") do, so it ranks whole chunks (--top_chunks). states (n, l, C), query (q, C) -> (n,)."""
+    of its two cosines; the best per question pair. A pair ("pass key") rarely matches by chance where single tokens
+    ("pass", "key") do. states (n, l, C), query (q, C) -> (n, q - 1), or (n, 1) for a one-token question."""
     sims = F.normalize(states.float(), dim=-1) @ F.normalize(query.float(), dim=-1).T  # (n, l, q)
     pairs = torch.minimum(sims[:, :-1, :-1], sims[:, 1:, 1:]) if len(query) > 1 else sims
-    return pairs.amax(1).sum(-1)
+    return pairs.amax(1)
+
+
+def rarity_weighted(pairs: torch.Tensor) -> torch.Tensor:
+    """(n, p) best cosine of each question pair in each of n chunks -> (n,) chunk scores: each pair weighted by how
+    rare its match is across the chunks (1 - its mean), so a pair that matches everywhere ("the", "what is") counts
+    little and a pair that matches one chunk ("pass key") counts most (--top_chunks ranks chunks by this)."""
+    return (pairs * (1 - pairs.mean(0))).sum(-1)
 
 
 def maxsim_policy(s_left, m_left, s_right, m_right, query) -> torch.Tensor:

@@ -90,6 +90,15 @@ def test_phrase_maxsim_ranks_the_adjacent_pair_above_the_same_tokens_apart():
     apart = eye[[1, 0, 2, 0, 3, 0]][None]  # the same tokens, never adjacent
     ones = torch.ones(1, 6, dtype=torch.bool)
     assert tree.maxsim(together, ones, query[None]) == tree.maxsim(apart, ones, query[None])  # tokens alone tie
-    assert tree.phrase_maxsim(together, query).item() == 2.0
-    assert tree.phrase_maxsim(apart, query).item() == 0.0
-    assert tree.phrase_maxsim(apart, query[:1]).item() == 1.0  # one question token: plain MaxSim
+    assert tree.phrase_maxsim(together, query).tolist() == [[1.0, 1.0]]  # one score per question pair
+    assert tree.phrase_maxsim(apart, query).tolist() == [[0.0, 0.0]]
+    assert tree.phrase_maxsim(apart, query[:1]).tolist() == [[1.0]]  # one question token: plain MaxSim
+
+
+def test_rarity_weighting_ranks_the_one_rare_match_above_matches_every_chunk_has():
+    common = [1.0, 1.0, 0.0]  # pairs like "what is" and "the" match every filler chunk; the rare pair does not
+    pairs = torch.tensor([common, common, common, [0.2, 0.2, 1.0]])  # the key's chunk: the rare pair only
+    assert pairs.sum(-1).argmax() != 3  # summed as they are, the filler wins
+    assert tree.rarity_weighted(pairs).argmax() == 3
+    scores = tree.rarity_weighted(torch.tensor([[1.0, 0.5], [1.0, 0.0]]))  # a pair equal everywhere counts 0
+    assert torch.allclose(scores, torch.tensor([0.375, 0.0]))
