@@ -6,6 +6,7 @@ level's granularity and never split again. At the last level both children are p
 1024-token chunk at exact halves preserves 512 + 256 + 128 + 128 tokens, kept every 16, 8, 4, 4 tokens:
 128 key/value entries, one per beta = 8 tokens.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,20 +91,29 @@ def maxsim(states: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> tor
     return sims.masked_fill(~mask[:, None, :], -2.0).amax(-1).sum(-1)
 
 
-def phrase_maxsim(states: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+def phrase_maxsim(states: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MaxSim over adjacent pairs: each pair of neighbouring question tokens against each pair in a chunk, the weaker
     of its two cosines; the best per question pair. A pair ("pass key") rarely matches by chance where single tokens
-    ("pass", "key") do. states (n, l, C), query (q, C) -> (n, q - 1), or (n, 1) for a one-token question."""
+    ("pass", "key") do. states (n, l, C), query (q, C) -> pairs (n, q - 1) (or (n, 1) for a one-token question)
+    and each question token's best cosine, tokens (n, q)."""
     sims = F.normalize(states.float(), dim=-1) @ F.normalize(query.float(), dim=-1).T  # (n, l, q)
     pairs = torch.minimum(sims[:, :-1, :-1], sims[:, 1:, 1:]) if len(query) > 1 else sims
-    return pairs.amax(1)
+    return pairs.amax(1), sims.amax(1)
 
 
 def rarity_weighted(pairs: torch.Tensor) -> torch.Tensor:
     """(n, p) best cosine of each question pair in each of n chunks -> (n,) chunk scores: each pair weighted by how
-    rare its match is across the chunks (1 - its mean), so a pair that matches everywhere ("the", "what is") counts
-    little and a pair that matches one chunk ("pass key") counts most (--top_chunks ranks chunks by this)."""
+    rare its match is across the chunks (1 - its mean), so a pair that matches everywhere ("what is") counts little
+    and a pair that matches one chunk ("pass key") counts most."""
     return (pairs * (1 - pairs.mean(0))).sum(-1)
+
+
+def token_idf(tokens: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
+    """(n, q) best cosine of each question token in each of n chunks -> (n,): over the tokens a chunk contains
+    (cosine > threshold), the sum of log(n / chunks that contain it) / log n, an IDF over chunks as in BM25. A name
+    in one chunk counts 1, a word in every chunk 0: names rank a fact that its pairs ("badge id") do not."""
+    hit = (tokens > threshold).float()
+    return (hit * torch.log(len(tokens) / hit.sum(0).clamp(min=1))).sum(-1) / math.log(max(len(tokens), 2))
 
 
 def maxsim_policy(s_left, m_left, s_right, m_right, query) -> torch.Tensor:

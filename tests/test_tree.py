@@ -90,9 +90,10 @@ def test_phrase_maxsim_ranks_the_adjacent_pair_above_the_same_tokens_apart():
     apart = eye[[1, 0, 2, 0, 3, 0]][None]  # the same tokens, never adjacent
     ones = torch.ones(1, 6, dtype=torch.bool)
     assert tree.maxsim(together, ones, query[None]) == tree.maxsim(apart, ones, query[None])  # tokens alone tie
-    assert tree.phrase_maxsim(together, query).tolist() == [[1.0, 1.0]]  # one score per question pair
-    assert tree.phrase_maxsim(apart, query).tolist() == [[0.0, 0.0]]
-    assert tree.phrase_maxsim(apart, query[:1]).tolist() == [[1.0]]  # one question token: plain MaxSim
+    assert tree.phrase_maxsim(together, query)[0].tolist() == [[1.0, 1.0]]  # one score per question pair
+    assert tree.phrase_maxsim(apart, query)[0].tolist() == [[0.0, 0.0]]
+    assert tree.phrase_maxsim(apart, query[:1])[0].tolist() == [[1.0]]  # one question token: plain MaxSim
+    assert tree.phrase_maxsim(apart, query)[1].tolist() == [[1.0, 1.0, 1.0]]  # and each token's best match
 
 
 def test_rarity_weighting_ranks_the_one_rare_match_above_matches_every_chunk_has():
@@ -102,3 +103,13 @@ def test_rarity_weighting_ranks_the_one_rare_match_above_matches_every_chunk_has
     assert tree.rarity_weighted(pairs).argmax() == 3
     scores = tree.rarity_weighted(torch.tensor([[1.0, 0.5], [1.0, 0.0]]))  # a pair equal everywhere counts 0
     assert torch.allclose(scores, torch.tensor([0.375, 0.0]))
+
+
+def test_token_idf_counts_a_token_by_how_few_chunks_contain_it():
+    tokens = torch.tensor([[0.95, 0.95, 0.2],  # a word every chunk has, and a name only chunk 0 has
+                           [0.95, 0.3, 0.2],
+                           [0.95, 0.3, 0.95],  # a token two of four chunks have
+                           [0.95, 0.3, 0.95]])
+    assert torch.allclose(tree.token_idf(tokens), torch.tensor([1.0, 0.0, 0.5, 0.5]))  # log(4/1), log(4/2) over log 4
+    assert torch.equal(tree.token_idf(tokens, threshold=0.99), torch.zeros(4))  # nothing matches: nothing counts
+
