@@ -411,13 +411,13 @@ class Transformer(nn.Module):
     def select(self, chunks, query, top: int, group: int = 16) -> torch.Tensor:
         """(n, L) chunks, a question's states (q, C) -> the indices, ascending, of the `top` chunks whose phrases best
         match it: tree.phrase_maxsim on the layer-0 states of each half, as the descent's first level sees them,
-        each question pair weighted by its rarity across the chunks, plus half the IDF of the single tokens matched."""
+        scored by tree.chunk_scores (rare pairs, and the IDF of the pairs and single tokens a chunk contains)."""
         if len(chunks) <= top:
             return torch.arange(len(chunks))
         L = self.cfg.chunk_len
         pairs, tokens = (torch.cat(m) for m in zip(*[tree.phrase_maxsim(
             self.layer0_states(c.reshape(-1, L // 2))[0].reshape(len(c), L, -1), query) for c in chunks.split(group)]))
-        return (tree.rarity_weighted(pairs) + 0.5 * tree.token_idf(tokens)).topk(top).indices.sort().values
+        return tree.chunk_scores(pairs, tokens).topk(top).indices.sort().values
 
     def assemble(self, nodes, kv, counts, chunk_positions=None) -> Memory:
         """Chunks' kept nodes and per-layer (k, v) (Hkv, E, D), all sequences' chunks in order, counts[b] of

@@ -108,12 +108,19 @@ def rarity_weighted(pairs: torch.Tensor) -> torch.Tensor:
     return (pairs * (1 - pairs.mean(0))).sum(-1)
 
 
-def token_idf(tokens: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
-    """(n, q) best cosine of each question token in each of n chunks -> (n,): over the tokens a chunk contains
-    (cosine > threshold), the sum of log(n / chunks that contain it) / log n, an IDF over chunks as in BM25. A name
-    in one chunk counts 1, a word in every chunk 0: names rank a fact that its pairs ("badge id") do not."""
-    hit = (tokens > threshold).float()
-    return (hit * torch.log(len(tokens) / hit.sum(0).clamp(min=1))).sum(-1) / math.log(max(len(tokens), 2))
+def idf(best: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
+    """(n, k) best cosine of each of k question tokens (or pairs) in each of n chunks -> (n,): over those a chunk
+    contains (cosine > threshold), the sum of log(n / chunks that contain it) / log n, an IDF over chunks as in BM25.
+    A name or a pair ("pass key") in one chunk counts 1, a word in every chunk 0: a rare exact match outweighs many
+    chunks' weak matches of common words, and names rank a fact that its pairs ("badge id") do not."""
+    hit = (best > threshold).float()
+    return (hit * torch.log(len(best) / hit.sum(0).clamp(min=1))).sum(-1) / math.log(max(len(best), 2))
+
+
+def chunk_scores(pairs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """How well each of n chunks matches a question, from phrase_maxsim's pairs (n, q - 1) and tokens (n, q) -> (n,):
+    the rarity-weighted pairs, plus the IDF of the pairs it contains, plus half the IDF of the single tokens."""
+    return rarity_weighted(pairs) + idf(pairs) + 0.5 * idf(tokens)
 
 
 def maxsim_policy(s_left, m_left, s_right, m_right, query) -> torch.Tensor:

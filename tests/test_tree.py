@@ -105,11 +105,27 @@ def test_rarity_weighting_ranks_the_one_rare_match_above_matches_every_chunk_has
     assert torch.allclose(scores, torch.tensor([0.375, 0.0]))
 
 
-def test_token_idf_counts_a_token_by_how_few_chunks_contain_it():
+def test_idf_counts_a_token_by_how_few_chunks_contain_it():
     tokens = torch.tensor([[0.95, 0.95, 0.2],  # a word every chunk has, and a name only chunk 0 has
                            [0.95, 0.3, 0.2],
                            [0.95, 0.3, 0.95],  # a token two of four chunks have
                            [0.95, 0.3, 0.95]])
-    assert torch.allclose(tree.token_idf(tokens), torch.tensor([1.0, 0.0, 0.5, 0.5]))  # log(4/1), log(4/2) over log 4
-    assert torch.equal(tree.token_idf(tokens, threshold=0.99), torch.zeros(4))  # nothing matches: nothing counts
+    assert torch.allclose(tree.idf(tokens), torch.tensor([1.0, 0.0, 0.5, 0.5]))  # log(4/1), log(4/2) over log 4
+    assert torch.equal(tree.idf(tokens, threshold=0.99), torch.zeros(4))  # nothing matches: nothing counts
 
+
+
+def test_an_exact_rare_pair_outranks_chunks_that_match_many_words_weakly():
+    """At 200K (EXPERIMENTS §14): the key's chunk has the pair "pass key" exactly, but its other pairs and its words
+    ("pass", "key") are common; 20 filler chunks match other pairs fairly ("why do the" for "did the") and hold
+    rarer words ("text", "give")."""
+    n = 21
+    pairs = torch.full((n, 4), 0.45)
+    pairs[1:, 2] = torch.linspace(0.6, 0.86, n - 1)  # fair matches of a common pair, no chunk has it exactly
+    pairs[0, 1] = 0.99  # the key's chunk: "pass key"
+    tokens = torch.full((n, 5), 0.3)
+    tokens[:, :2] = 0.95  # "pass", "key": in every chunk
+    tokens[1:3, 2:] = 0.95  # rarer words, in two filler chunks
+    shipped_before = tree.rarity_weighted(pairs) + 0.5 * tree.idf(tokens)
+    assert shipped_before.argmax() != 0  # the rare words of the filler won
+    assert tree.chunk_scores(pairs, tokens).argmax() == 0
