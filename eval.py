@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tree
 from generate import (DTYPES, NEEDLE, at_least, checked, dtype_name, format_input, generate, layout, load_model,
-                      pass_key_prefix, pick_dtype, prepare)
+                      LM_RUNNING, QA_RUNNING, pass_key_prefix, pick_dtype, prepare)
 from load_llama import LoadError
 from train import FACTS, LOOKUPS, NAMES, NEEDLES, QUESTIONS, THINGS, builtin_docs, held_out_code
 
@@ -53,11 +53,12 @@ def command(name, helptext, lengths=None, modes=None):
 speed = command("speed", "time and peak memory vs input length, three modes side by side",
                 [4096, 8192, 16384, 32768, 65536, 131072], MODES)
 speed.add_argument("--new_tokens", type=at_least(2), default=32, help="tokens decoded after the prefill")
-speed.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens")
+speed.add_argument("--running", type=at_least(1), help=f"D: running-text tokens (default {LM_RUNNING}; --question: "
+                   f"{QA_RUNNING}, as generate.py)")
 speed.add_argument("--full_max", type=int, default=32768, help="longest input for --mode full (32K: ~6 min on 2 cores)")
 speed.add_argument("--question", action="store_true", help="sharedllm as generate.py --prompt: chat format, the "
                    "question-answering adapter ('auto'), its MaxSim descent over the question, --top_chunks")
-speed.add_argument("--top_chunks", type=at_least(0), default=4, help="--question: chunks that get a tree (0: all)")
+speed.add_argument("--top_chunks", type=at_least(0), default=2, help="--question: chunks that get a tree (0: all)")
 descent = command("descent", "how often query-aware descent keeps a hidden pass key at the finest level")
 descent.add_argument("--trials", type=at_least(1), default=200, help="needles, each at a random offset of its chunk")
 descent.add_argument("--mass_trials", type=at_least(0), default=20, help="of them, with the attention measured")
@@ -74,9 +75,10 @@ passkey.add_argument("--depths", nargs="+", default=[0, 0.25, 0.5, 0.75, 1], hel
                      type=checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction from 0 to 1"))
 passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")
 passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent (default: the adapter's)")
-passkey.add_argument("--top_chunks", type=at_least(0), default=4, help="only the k chunks that best match the "
+passkey.add_argument("--top_chunks", type=at_least(0), default=2, help="only the k chunks that best match the "
                      "question get a tree (0: all)")
-passkey.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens (the rest: the tree)")
+passkey.add_argument("--running", type=at_least(1), help=f"D: running-text tokens, the rest the tree (default, as "
+                     f"generate.py: sharedllm {QA_RUNNING}, window {LM_RUNNING})")
 passkey.add_argument("--kept_at", choices=["0..k-1", "text"], default="0..k-1", help="where --top_chunks' kept chunks "
                      "sit (Eq. 2): at positions 0..k-1 (as generate.py does), or with the text's gaps between them "
                      "(an ablation; the queries one past the last kept chunk)")
@@ -119,6 +121,7 @@ def run_speed(args, model, tokenizer):
     device, dtype = model.output.weight.device, model.output.weight.dtype
     name = dtype_name(dtype)
     cfg, L = model.cfg, model.cfg.chunk_len
+    args.running = args.running or (QA_RUNNING if args.question else LM_RUNNING)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     question = tokenizer.encode("\n\nQuestion: what is this text about? Answer:").ids
     ids = text_tokens(tokenizer, max(args.lengths))

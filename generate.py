@@ -62,6 +62,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+QA_RUNNING, LM_RUNNING = 1024, 4096  # default D: the tree answers better than the base reads far back (EXPERIMENTS §15)
 parser = argparse.ArgumentParser(description="Generate from a long file with SharedLLM.")
 parser.add_argument("--file", help="the long input (text); omit both --file and --prompt for the demo")
 parser.add_argument("--prompt", help="a question or instruction about the file; without it the file is continued")
@@ -74,7 +75,7 @@ parser.add_argument("--mode", default="sharedllm", choices=["sharedllm", "window
                          "full: plain attention over the whole input")
 parser.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent: the paper's last-token "
                     "cosine, or token-level MaxSim (default: the adapter's, else cosine)")
-parser.add_argument("--top_chunks", type=at_least(0), default=4, help="with a question and MaxSim: only the k "
+parser.add_argument("--top_chunks", type=at_least(0), default=2, help="with a question and MaxSim: only the k "
                     "context chunks whose word pairs best match it get a tree (0: every chunk; a departure from the paper)")
 parser.add_argument("--max_new_tokens", type=at_least(1), help="tokens to generate at most (128; demo: 12)")
 parser.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0: greedy")
@@ -83,7 +84,8 @@ parser.add_argument("--top_p", type=checked(float, lambda p: 0 < p <= 1, "must b
                     help="nucleus sampling threshold")
 parser.add_argument("--seed", type=int, default=0, help="sampling seed (and the demo's key and depth)")
 parser.add_argument("--answer_prefix", default="", help="text the answer starts with, e.g. 'The pass key is'")
-parser.add_argument("--running", type=at_least(1), default=4096, help="D: running-text tokens the upper model reads")
+parser.add_argument("--running", type=at_least(1), help="D: running-text tokens the upper model reads (default: "
+                    f"{QA_RUNNING} with a --prompt through the tree, else {LM_RUNNING})")
 parser.add_argument("--show_tree", action="store_true", help="print which spans of each chunk were kept, how finely")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights and activations; auto: bfloat16 on "
@@ -176,7 +178,7 @@ def sample(logits, temperature: float, top_k: int, top_p: float, generator) -> i
 
 
 def prepare(model, tokenizer, document, prompt, answer_prefix="", mode="sharedllm", policy=None,
-            max_new_tokens=128, running=4096, progress=False, top_chunks=0):
+            max_new_tokens=128, running=None, progress=False, top_chunks=0):
     """Tokenise, lay out (DESIGN Sec. 6: X_C = the first n*L tokens, X_D = the rest) and build the memory once:
     query-aware with the question's last token (or its tokens, MaxSim), right-policy when continuing a text.
     -> (ids, n, running tokens (1, T), memory or None, tree seconds). ValueError on input that cannot fit."""
@@ -191,6 +193,7 @@ def prepare(model, tokenizer, document, prompt, answer_prefix="", mode="sharedll
         inside = [i for i, (s, e) in enumerate(encoding.offsets) if s < question[1] and e > question[0]]
         q_first, q_last = inside[0], inside[-1]
     tail = len(ids) - (q_first if q_first is not None else len(ids) - 1)  # the question must stay in X_D
+    running = running or (QA_RUNNING if question is not None and mode == "sharedllm" else LM_RUNNING)
     n = 0 if mode == "full" else layout(len(ids), cfg.max_seq_len, cfg.chunk_len, running, max_new_tokens, tail)
     split = n * cfg.chunk_len
     context, tokens = torch.tensor(ids[:split], device=device), torch.tensor([ids[split:]], device=device)

@@ -10,8 +10,8 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 from safetensors.torch import save_file
 
-from generate import (SHIPPED_ADAPTER, SHIPPED_QA_ADAPTER, format_input, layout, load_model, pass_key_prefix,
-                      pick_dtype, prepare, sample)
+from generate import (LM_RUNNING, QA_RUNNING, SHIPPED_ADAPTER, SHIPPED_QA_ADAPTER, format_input, layout, load_model,
+                      pass_key_prefix, pick_dtype, prepare, sample)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,6 +209,17 @@ def test_prepare_takes_the_adapters_policy_unless_told(smollm2, monkeypatch):
         prepare(model, tokenizer, long_text(), "What is the pass key?", policy=policy, running=256)
     q = len(tokenizer.encode("What is the pass key?", add_special_tokens=False).ids)
     assert [s[:-1] for s in queries] == [(1, q), (1,), (1, q)]  # MaxSim: the question's states; cosine: its last
+
+
+def test_prepare_keeps_a_short_running_text_only_for_a_question_through_the_tree(smollm2, monkeypatch):
+    """Without --running: a question read through the tree keeps QA_RUNNING tokens (to one chunk more); continuing a
+    text, and the window alone, keep LM_RUNNING."""
+    model, tokenizer, L = smollm2[0], smollm2[1], smollm2[0].cfg.chunk_len
+    monkeypatch.setattr(model, "encode_context", lambda *args, **kw: None)
+    for prompt, mode, D in [("What is the pass key?", "sharedllm", QA_RUNNING), (None, "sharedllm", LM_RUNNING),
+                            ("What is the pass key?", "window", LM_RUNNING)]:
+        _, n, tokens, _, _ = prepare(model, tokenizer, long_text(), prompt, mode=mode)
+        assert n > 0 and D <= tokens.size(1) < D + L, (prompt, mode, n, tokens.size(1))
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "zero_tokens", "too_many_tokens", "not_utf8", "prompt_only",
