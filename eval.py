@@ -1,4 +1,5 @@
-"""Measure SharedLLM. A benchmark, not a test: run it on a quiet machine; it prints a markdown table to stdout.
+"""Measure SharedLLM. A benchmark, not a test: run it on a quiet machine; it prints a markdown table
+to stdout.
 
     python eval.py speed                                        # 4K..128K, the three modes, one process
     python eval.py speed --lengths 4096 32768 --modes sharedllm full --new_tokens 16
@@ -22,10 +23,11 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 import tree
-from generate import (DTYPES, NEEDLE, at_least, checked, dtype_name, format_input, generate, layout, load_model,
-                      LM_RUNNING, QA_RUNNING, pass_key_prefix, pick_dtype, prepare)
-from load_llama import LoadError
-from train import FACTS, LOOKUPS, NAMES, NEEDLES, QUESTIONS, THINGS, builtin_docs, held_out_code
+from data import (FACTS, LOOKUPS, NAMES, NEEDLE, NEEDLES, QUESTIONS, THINGS, builtin_docs,
+                  format_input, held_out_code, insert, pass_key_prefix, token_span)
+from generate import (DTYPES, LM_RUNNING, QA_RUNNING, add_method_flags, at_least, checked,
+                      dtype_name, generate, layout, method, pick_dtype, prepare)
+from load_llama import LoadError, load_model
 
 parser = argparse.ArgumentParser(description="Benchmarks for SharedLLM.")
 sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +45,7 @@ def command(name, helptext, lengths=None, modes=None):
     p.add_argument("--seed", type=int, default=0, help="where windows, keys and offsets are drawn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights and activations (auto: bf16 where fast)")
+    add_method_flags(p)
     if lengths:
         p.add_argument("--lengths", nargs="+", type=at_least(1), default=lengths, help="input lengths in tokens")
         p.add_argument("--modes", nargs="+", choices=MODES + ["other"] * (name == "ppl"), default=modes,
@@ -53,12 +56,9 @@ def command(name, helptext, lengths=None, modes=None):
 speed = command("speed", "time and peak memory vs input length, three modes side by side",
                 [4096, 8192, 16384, 32768, 65536, 131072], MODES)
 speed.add_argument("--new_tokens", type=at_least(2), default=32, help="tokens decoded after the prefill")
-speed.add_argument("--running", type=at_least(1), help=f"D: running-text tokens (default {LM_RUNNING}; --question: "
-                   f"{QA_RUNNING}, as generate.py)")
 speed.add_argument("--full_max", type=int, default=32768, help="longest input for --mode full (32K: ~6 min on 2 cores)")
 speed.add_argument("--question", action="store_true", help="sharedllm as generate.py --prompt: chat format, the "
                    "question-answering adapter ('auto'), its MaxSim descent over the question, --top_chunks")
-speed.add_argument("--top_chunks", type=at_least(0), default=2, help="--question: chunks that get a tree (0: all)")
 descent = command("descent", "how often query-aware descent keeps a hidden pass key at the finest level")
 descent.add_argument("--trials", type=at_least(1), default=200, help="needles, each at a random offset of its chunk")
 descent.add_argument("--mass_trials", type=at_least(0), default=20, help="of them, with the attention measured")
@@ -74,11 +74,6 @@ passkey.add_argument("--facts", default=4, help="lookup: named facts hidden, the
 passkey.add_argument("--depths", nargs="+", default=[0, 0.25, 0.5, 0.75, 1], help="needle depths (fractions)",
                      type=checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction from 0 to 1"))
 passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")
-passkey.add_argument("--policy", choices=["cosine", "maxsim"], help="query-aware descent (default: the adapter's)")
-passkey.add_argument("--top_chunks", type=at_least(0), default=2, help="only the k chunks that best match the "
-                     "question get a tree (0: all)")
-passkey.add_argument("--running", type=at_least(1), help=f"D: running-text tokens, the rest the tree (default, as "
-                     f"generate.py: sharedllm {QA_RUNNING}, window {LM_RUNNING})")
 passkey.add_argument("--kept_at", choices=["0..k-1", "text"], default="0..k-1", help="where --top_chunks' kept chunks "
                      "sit (Eq. 2): at positions 0..k-1 (as generate.py does), or with the text's gaps between them "
                      "(an ablation; the queries one past the last kept chunk)")
@@ -88,7 +83,8 @@ passkey.add_argument("--plot", help="write the accuracy heatmap to this PNG (nee
 
 
 def peak_mb(device, reset=False) -> float:
-    """Peak memory since the reset: the high-water mark of the RSS on CPU (Linux), the allocator's on CUDA."""
+    """Peak memory since the reset: the high-water mark of the RSS on CPU (Linux), the allocator's
+    on CUDA."""
     if device.type == "cuda":
         return torch.cuda.reset_peak_memory_stats() if reset else torch.cuda.max_memory_allocated() / 2**20
     if reset:
@@ -97,15 +93,17 @@ def peak_mb(device, reset=False) -> float:
 
 
 def matmul_rate(device, dtype, n=4096) -> float:
-    """FLOP/s of an n x n x n matmul (median of repeats): the machine's practical peak for this dtype."""
+    """FLOP/s of an n x n x n matmul (median of repeats): the machine's practical peak for this
+    dtype."""
     timer = benchmark.Timer("a @ a", globals={"a": torch.randn(n, n, device=device, dtype=dtype)},
                             num_threads=torch.get_num_threads())
     return 2 * n**3 / timer.blocked_autorange(min_run_time=2).median
 
 
 def text_tokens(tokenizer, n: int, held_out: bool = False) -> list[int]:
-    """n tokens of real text: Python's docs, then its standard library's sources (train.py's corpus), repeated;
-    held_out: the standard library's packages (asyncio, email, ...), which training never reads."""
+    """n tokens of real text: Python's docs, then its standard library's sources (train.py's
+    corpus), repeated; held_out: the standard library's packages (asyncio, email, ...), which
+    training never reads."""
     text = held_out_code() if held_out else "\n\n".join(builtin_docs())
     ids = tokenizer.encode(text[:8 * n]).ids  # text is ~4 characters a token
     return (ids * (n // len(ids) + 1))[:n]
@@ -131,7 +129,8 @@ def run_speed(args, model, tokenizer):
     # 1. Tree FLOPs per chunk (matmuls, counted by torch on a 4-chunk context: every chunk costs the same at
     # inference) and of the query pass, to turn tree time into achieved FLOP/s.
     with FlopCounterMode(display=False) as query_counter:
-        query = model.query_states(torch.tensor([ids[:args.running]], device=device))[:, -1]
+        x = torch.tensor([ids[:args.running]], device=device)
+        query = model.query_states(x, x.size(1) - len(question), x.size(1) - 1)
     with FlopCounterMode(display=False) as counter:
         model.encode_context(torch.tensor([ids[:4 * L]], device=device), query)
     query_flops, chunk_flops = query_counter.get_total_flops(), counter.get_total_flops() / 4
@@ -152,11 +151,13 @@ def run_speed(args, model, tokenizer):
             memory, kept = None, n
             if mode == "sharedllm" and args.question:  # 2. the context tree: as generate.py --prompt builds it
                 _, n, running, memory, _ = prepare(model, tokenizer, tokenizer.decode(ids[:T - 32]),
-                                                   "What is this text about?", "", "sharedllm", None,
-                                                   args.new_tokens, args.running, top_chunks=args.top_chunks)
+                                                   "What is this text about?", "", "sharedllm",
+                                                   args.new_tokens, args.running,
+                                                   top_chunks=args.top_chunks)
                 kept = sum(map(bool, memory.trees[0])) if memory is not None else 0
-            elif mode == "sharedllm" and n > 0:  # 2. the context tree, query-aware (the question's last token)
-                query = model.query_states(running)[:, -1]
+            elif mode == "sharedllm" and n > 0:  # 2. the context tree, query-aware (the question)
+                query = model.query_states(running, running.size(1) - len(question),
+                                           running.size(1) - 1)
                 memory = model.encode_context(torch.tensor([tokens[:split]], device=device), query)
             sync()
             t1 = time.perf_counter()
@@ -183,9 +184,10 @@ def run_speed(args, model, tokenizer):
 
 
 def run_ppl(args, model, tokenizer):
-    """DESIGN Sec. 7: X_D = the last 4096 tokens (2048 at 4K), loss on its last 256; the context = the chunks
-    before it. window = X_D alone; full = plain attention over all T tokens. Every length ends at the same
-    place in a window, so all lengths score the same 256 tokens and differ only in how much comes before."""
+    """DESIGN Sec. 7: X_D = the last 4096 tokens (2048 at 4K), loss on its last 256; the context =
+    the chunks before it. window = X_D alone; full = plain attention over all T tokens. Every length
+    ends at the same place in a window, so all lengths score the same 256 tokens and differ only in
+    how much comes before."""
     L, rng = model.cfg.chunk_len, random.Random(args.seed)
     try:
         texts = [Path(f).read_text(errors="replace") for f in args.files] or [held_out_code()]
@@ -232,10 +234,10 @@ def run_ppl(args, model, tokenizer):
 
 
 def run_passkey(args, model, tokenizer):
-    """A pass key at each depth of real filler (Python's docs); 'What is the pass key?'; correct when the first
-    number generated after "The pass key is " equals the key. --task lookup: --facts named facts ("The locker code
-    of Ada is 12345."), the one asked for at the depth, the others anywhere; the answer starts "The locker code of
-    Ada is "."""
+    """A pass key at each depth of real filler (Python's docs); 'What is the pass key?'; correct
+    when the first number generated after "The pass key is " equals the key. --task lookup: --facts
+    named facts ("The locker code of Ada is 12345."), the one asked for at the depth, the others
+    anywhere; the answer starts "The locker code of Ada is "."""
     rng = random.Random(args.seed)
     lengths, depths, modes = args.lengths, args.depths, args.modes
     filler, key_prefix = text_tokens(tokenizer, max(lengths), args.held_out), pass_key_prefix(tokenizer)
@@ -261,14 +263,12 @@ def run_passkey(args, model, tokenizer):
                         for i, name in enumerate(names)]
                     question = rng.choice(lookups).format(thing=thing, name=names[0])
                     prefix = pass_key_prefix(tokenizer, f"The {thing} of {names[0]} is")
-                text = tokenizer.decode(filler[start:start + T - 40 - 16 * (len(hidden) - 1)])  # room for the facts
-                cuts = [(int(d * len(text)), sentence) for d, sentence in hidden]
-                for cut, sentence in sorted(cuts, reverse=True):  # from the end: the earlier cuts stay in place
-                    text = text[:cut] + f" {sentence} " + text[cut:]
+                text = tokenizer.decode(filler[start:start + T - 40 - 16 * (len(hidden) - 1)])
+                text = insert(text, [(int(d * len(text)), sentence) for d, sentence in hidden])
                 digits = tokenizer.encode(f" {key}").ids
                 for mode in modes:
                     ids, n, tokens, memory, _ = prepare(model, tokenizer, text, question, prefix, mode,
-                                                        args.policy, 8, args.running, top_chunks=args.top_chunks)
+                                                        8, args.running, top_chunks=args.top_chunks)
                     out = list(generate(model, tokens, memory, 8, set(), GREEDY))
                     found = re.findall(r"\d+", tokenizer.decode(out))
                     correct.setdefault((mode, T, depth), []).append(bool(found) and found[0] == str(key))
@@ -296,10 +296,11 @@ def run_passkey(args, model, tokenizer):
 
 
 def run_descent(args, model, tokenizer):
-    """A pass-key sentence at a random offset of a chunk of real text; the running text ends with the question.
-    A trial succeeds when the key's digits land in the finest (level-h) nodes. Random descent: 1 in 2^(h-1).
-    Then, in the first --mass_trials, with MaxSim's memory: the cross-attention mass on the key's entries when the
-    answer's first digit is due, per injection layer, against the key's share of the entries (uniform attention)."""
+    """A pass-key sentence at a random offset of a chunk of real text; the running text ends with
+    the question. A trial succeeds when the key's digits land in the finest (level-h) nodes. Random
+    descent: 1 in 2^(h-1). Then, in the first --mass_trials, with MaxSim's memory: the
+    cross-attention mass on the key's entries when the answer's first digit is due, per injection
+    layer, against the key's share of the entries (uniform attention)."""
     L, rng, device, cfg = model.cfg.chunk_len, random.Random(args.seed), model.output.weight.device, model.cfg
     filler = text_tokens(tokenizer, 400_000)
     strides = tree.strides(cfg.tree_depth, cfg.finest_stride)
@@ -323,10 +324,12 @@ def run_descent(args, model, tokenizer):
         text, span = format_input(tokenizer, tokenizer.decode(filler[start + L:start + L + 4000]),
                                   "What is the pass key?", pass_key_prefix(tokenizer))
         enc = tokenizer.encode(text)
-        q = [i for i, (a, b) in enumerate(enc.offsets) if a < span[1] and b > span[0]]
         running = torch.tensor([enc.ids], device=device)
-        states = model.query_states(running)[0]
-        for policy, query in ("right", None), ("cosine", states[q[-1]][None]), ("maxsim", states[q[0]:q[-1] + 1][None]):
+        block = model.query_states(running, *token_span(enc.offsets, span))
+        for policy in wins:
+            if policy != "right":
+                model.cfg.policy = policy
+            query = block if policy != "right" else None
             memory = model.encode_context(torch.tensor([chunk], device=device), query)
             nodes = memory.trees[0][0]
             finest = [n for n in nodes if n.level == cfg.tree_depth]
@@ -352,7 +355,8 @@ if __name__ == "__main__":
     dtype, why = pick_dtype(args.dtype, args.device)
     try:
         question = args.command in ("passkey", "descent") or getattr(args, "question", False)
-        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device), dtype, question)
+        model, tokenizer, adapter = load_model(args.model, args.adapter, torch.device(args.device),
+                                               dtype, question, **method(args))
     except LoadError as e:
         sys.exit(f"error: {e}")
     print(f"adapter: {adapter}; {dtype_name(dtype)} ({why})", file=sys.stderr)

@@ -10,8 +10,10 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 from safetensors.torch import save_file
 
-from generate import (LM_RUNNING, QA_RUNNING, SHIPPED_ADAPTER, SHIPPED_QA_ADAPTER, format_input, layout, load_model,
-                      pass_key_prefix, pick_dtype, prepare, sample)
+import load_llama
+from data import format_input, pass_key_prefix
+from generate import LM_RUNNING, QA_RUNNING, layout, method, parser, pick_dtype, prepare, sample
+from load_llama import SHIPPED, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +92,7 @@ def test_the_shipped_bf16_adapters_load_into_a_model_of_either_dtype(smollm2, dt
     """The language-modelling adapter (4 injection layers) when continuing a text, the question-answering one (16,
     MaxSim, log-n scale) for a question."""
     from safetensors.torch import load_file
-    path = SHIPPED_QA_ADAPTER if question else SHIPPED_ADAPTER
+    path = SHIPPED["qa"] if question else SHIPPED["lm"]
     shipped = load_file(path)
     assert {t.dtype for t in shipped.values()} == {torch.bfloat16}  # the file is bf16
     model, _, adapter = load_model("smollm2-135m", "auto", "cpu", dtype, question=question)
@@ -105,16 +107,38 @@ def test_the_shipped_bf16_adapters_load_into_a_model_of_either_dtype(smollm2, dt
 
 
 def test_auto_picks_the_question_answering_adapter_for_a_question_where_one_is_shipped(tmp_path, monkeypatch):
-    import generate
-    lm, qa = tmp_path / "lm.safetensors", tmp_path / "qa.safetensors"
-    monkeypatch.setattr(generate, "SHIPPED_ADAPTER", lm)
-    monkeypatch.setattr(generate, "SHIPPED_QA_ADAPTER", qa)
-    assert [generate.shipped_adapter("smollm2-135m", q) for q in (False, True)] == ["none", "none"]
-    lm.write_bytes(b"")
-    assert [generate.shipped_adapter("smollm2-135m", q) for q in (False, True)] == [str(lm), str(lm)]
-    qa.write_bytes(b"")
-    assert [generate.shipped_adapter("smollm2-135m", q) for q in (False, True)] == [str(lm), str(qa)]
-    assert generate.shipped_adapter("/some/llama", True) == "none"  # trained for another model: none
+    for kind in ("lm", "qa", "qa-paper"):
+        monkeypatch.setitem(SHIPPED, kind, tmp_path / f"{kind}.safetensors")
+    pick = lambda q, paper=False: load_llama.shipped_adapter("smollm2-135m", q, paper)  # noqa: E731
+    assert [pick(False), pick(True)] == ["none", "none"]
+    SHIPPED["lm"].write_bytes(b"")
+    assert [pick(False), pick(True)] == [str(SHIPPED["lm"])] * 2
+    SHIPPED["qa"].write_bytes(b"")
+    assert [pick(False), pick(True), pick(True, True)] == [str(SHIPPED[k]) for k in ("lm", "qa", "qa")]
+    SHIPPED["qa-paper"].write_bytes(b"")  # --paper: the one trained the paper's way, for questions only
+    assert [pick(False, True), pick(True), pick(True, True)] == [str(SHIPPED[k]) for k in ("lm", "qa", "qa-paper")]
+    assert load_llama.shipped_adapter("/some/llama", True) == "none"  # trained for another model: none
+
+
+def test_paper_sets_every_departure_back_and_a_flag_given_wins():
+    paper = method(parser.parse_args(["--paper", "--running", "2048"]))
+    args = parser.parse_args(["--paper", "--running", "2048"])
+    method(args)
+    assert paper == dict(policy="cosine", finest_stride=4, logn=False, paper=True)
+    assert (args.top_chunks, args.running) == (0, 2048)  # every chunk kept; the explicit --running stays
+    plain = parser.parse_args([])
+    assert method(plain) == dict(policy=None, finest_stride=None, logn=None, paper=False)  # the adapter's
+    assert (plain.top_chunks, plain.running) == (None, None)  # prepare's defaults: 2 chunks, 1,024 / 4,096
+
+
+def test_an_override_that_differs_from_the_adapter_is_one_warning_line(capsys):
+    model = load_model("smollm2-135m", str(SHIPPED["qa"]), policy="cosine", finest_stride=4, logn=False)[0]
+    assert (model.cfg.policy, model.cfg.finest_stride, model.cfg.logn, model.cfg.n_inject) == ("cosine", 4, False, 16)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert lines == [f"warning: {SHIPPED['qa']} was trained with policy=maxsim, finest_stride=1, logn=True; now "
+                     f"policy=cosine, finest_stride=4, logn=False"]
+    load_model("smollm2-135m", str(SHIPPED["qa"]), policy="maxsim")  # as trained: no warning
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_sampling():
@@ -154,14 +178,14 @@ def test_cli_long_file_gates_at_zero_equal_the_window_baseline(tmp_path):
     file.write_text(long_text())
     common = ["--file", str(file), "--prompt", "What is a decorator?", "--max_new_tokens", "6", "--running", "256",
               "--adapter", "none", "--dtype", "float32"]
-    shared = run(*common, "--show_tree")
+    shared = run(*common, "--show_tree", "--top_chunks", "0")  # every chunk gets a tree
     window = run(*common, "--mode", "window")
     assert shared.returncode == 0 and window.returncode == 0, shared.stderr + window.stderr
     assert shared.stdout == window.stdout and shared.stdout.strip()
     n = int(shared.stderr.split(" chunks x ")[0].split()[-1])
     assert n >= 5 and shared.stderr.count("\nchunk ") + shared.stderr.startswith("chunk ") == n
     assert f"{n * 128} kept entries per layer, beta 8.0" in shared.stderr
-    top = run(*common, "--show_tree", "--policy", "maxsim", "--top_chunks", "2")  # only 2 chunks get a tree
+    top = run(*common, "--show_tree", "--policy", "cosine", "--top_chunks", "2")  # with any policy, 2 chunks
     assert top.returncode == 0 and top.stdout == window.stdout, top.stderr
     assert top.stderr.count("\nchunk ") == 2 and f"{n - 2} of {n} chunks dropped" in top.stderr
     assert f"{2 * 128} kept entries per layer" in top.stderr and f"{n - 2} chunks dropped by --top_chunks" in top.stderr
@@ -200,15 +224,21 @@ def test_cli_adapter_is_loaded_and_changes_the_answer(smollm2, tmp_path):
     assert out.returncode == 2 and "n_inject=40 must be in 1..n_layers=30" in out.stderr, out.stderr
 
 
-def test_prepare_takes_the_adapters_policy_unless_told(smollm2, monkeypatch):
+def test_prepare_gives_the_policy_the_question_then_the_prompts_last_token(smollm2, monkeypatch):
+    """The query block: the question's tokens (MaxSim, chunk selection), then the prompt's last token (the paper's
+    cosine query). A question keeps 2 chunks by default, whatever the policy; continuing a text keeps all."""
     model, tokenizer = smollm2[0], smollm2[1]
-    queries = []
-    monkeypatch.setattr(model, "encode_context", lambda context, query, **kw: queries.append(query.shape))
-    monkeypatch.setattr(model.cfg, "policy", "maxsim")
-    for policy in (None, "cosine", "maxsim"):
-        prepare(model, tokenizer, long_text(), "What is the pass key?", policy=policy, running=256)
-    q = len(tokenizer.encode("What is the pass key?", add_special_tokens=False).ids)
-    assert [s[:-1] for s in queries] == [(1, q), (1,), (1, q)]  # MaxSim: the question's states; cosine: its last
+    calls = []
+    monkeypatch.setattr(model, "encode_context", lambda context, query, **kw: calls.append((query, kw["top_chunks"])))
+    _, _, tokens, _, _ = prepare(model, tokenizer, long_text(), "What is the pass key?", "The key is", running=256)
+    prepare(model, tokenizer, long_text(), None, running=256)
+    question = tokenizer.encode("What is the pass key?", add_special_tokens=False).ids
+    ids = tokens[0].tolist()
+    at = next(i for i in range(len(ids)) if ids[i:i + len(question)] == question)
+    states = model.layer0_states(tokens)[0][0]
+    (query, top), (none, all_chunks) = calls
+    assert query.shape[:2] == (1, len(question) + 1) and (top, none, all_chunks) == (2, None, 0)
+    assert torch.equal(query[0, :-1], states[at:at + len(question)]) and torch.equal(query[0, -1], states[-1])
 
 
 def test_prepare_keeps_a_short_running_text_only_for_a_question_through_the_tree(smollm2, monkeypatch):
@@ -223,7 +253,7 @@ def test_prepare_keeps_a_short_running_text_only_for_a_question_through_the_tree
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "zero_tokens", "too_many_tokens", "not_utf8", "prompt_only",
-                                  "top_p"])
+                                  "top_p", "top_chunks_without_a_question", "empty_with_a_prompt"])
 def test_cli_bad_input(tmp_path, case):
     file = tmp_path / "in.txt"
     args = {"missing": ["--file", str(tmp_path / "nope.txt")],
@@ -232,9 +262,17 @@ def test_cli_bad_input(tmp_path, case):
             "too_many_tokens": ["--file", str(file), "--max_new_tokens", "8000"],
             "not_utf8": ["--file", str(file), "--max_new_tokens", "3"],
             "prompt_only": ["--prompt", "What is the capital of France?", "--max_new_tokens", "12"],
-            "top_p": ["--prompt", "hi", "--top_p", "0"]}[case]
-    file.write_bytes({"too_many_tokens": b"word " * 3000, "not_utf8": b"caf\xe9 au lait \xff\xfe is"}.get(case, b""))
+            "top_p": ["--prompt", "hi", "--top_p", "0"],
+            "top_chunks_without_a_question": ["--file", str(file), "--top_chunks", "2"],
+            "empty_with_a_prompt": ["--file", str(file), "--prompt", "What is the capital of France?",
+                                    "--max_new_tokens", "12"]}[case]
+    file.write_bytes({"too_many_tokens": b"word " * 3000, "not_utf8": b"caf\xe9 au lait \xff\xfe is",
+                      "top_chunks_without_a_question": b"word " * 100}.get(case, b""))
     out = run(*args)
+    if case == "empty_with_a_prompt":  # said, then the prompt alone is answered
+        assert out.returncode == 0 and "is empty; answering the --prompt alone" in out.stderr, out.stderr
+        assert "Paris" in out.stdout
+        return
     if case in ("not_utf8", "prompt_only"):
         assert out.returncode == 0, out.stderr
         assert "Traceback" not in out.stderr and out.stdout.strip()
@@ -248,5 +286,6 @@ def test_cli_bad_input(tmp_path, case):
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     phrase = {"missing": "cannot read --file", "empty": "is empty", "too_many_tokens": "cannot fit the window",
-              "zero_tokens": "--max_new_tokens: must be at least 1", "top_p": "--top_p: must be in (0, 1]"}[case]
+              "zero_tokens": "--max_new_tokens: must be at least 1", "top_p": "--top_p: must be in (0, 1]",
+              "top_chunks_without_a_question": "ranks chunks by how well they match a question"}[case]
     assert "error: " in out.stderr.strip().splitlines()[-1] and phrase in out.stderr  # argparse: "generate.py: error:"

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import tree
-from sharedllm import Config, KVCache, Transformer, rope_cos_sin, rope_inv_freq
+from sharedllm import Config, KVCache, Transformer, apply_rope, rope_cos_sin, rope_inv_freq
 
 V, L = 101, 64
 
@@ -25,9 +25,14 @@ def tiny(seed=0, gates=0.0, **kw):
     return model
 
 
-def make_query(model, policy, xd):
-    states = model.query_states(xd)
-    return {"right": None, "cosine": states[:, -1], "maxsim": states[:, -6:]}[policy]
+def make_query(model, policy, xd, q=6):
+    """The query block of xd's last q tokens (the question; the prompt ends with it), and the model's
+    policy set by name; None for the right policy."""
+    if policy == "right":
+        return None
+    model.cfg.policy = policy
+    T = xd.size(1)
+    return model.query_states(xd, max(T - q, 0), T - 1)
 
 
 @settings(max_examples=30, deadline=None)
@@ -65,8 +70,9 @@ def test_permuting_chunks_with_their_positions_changes_nothing(seed, n, policy):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), n=st.integers(1, 4), shift=st.integers(1, 500))
 def test_the_query_sits_one_past_the_last_chunk_so_only_distances_matter(seed, n, shift):
-    """Chunk positions shifted by a constant (as sampled positions do) leave every query-to-chunk distance, and so
-    the output, unchanged; gaps between chunks change it."""
+    """Chunk positions shifted by a constant (as sampled positions do) leave every query-to-chunk
+    distance, and so the output, unchanged. Gaps between chunks rotate each chunk's keys by its extra
+    distance: RoPE composes, so the keys at positions p_i are those at i turned by p_i - i."""
     model = tiny(seed % 5, gates=0.8)
     torch.manual_seed(seed)
     context, xd = torch.randint(0, V, (1, n * L)), torch.randint(0, V, (1, 12))
@@ -76,8 +82,12 @@ def test_the_query_sits_one_past_the_last_chunk_so_only_distances_matter(seed, n
     with torch.no_grad():
         base = model(xd, memory=model.encode_context(context, q))
         assert torch.allclose(model(xd, memory=shifted), base, atol=1e-4)
-        gaps = model.encode_context(context, q, chunk_positions=[[i * (shift + 1) for i in range(n)]])
-        assert n == 1 or (model(xd, memory=gaps) - base).abs().max() > 1e-3
+    positions = [i * (shift + 1) for i in range(n)]
+    gaps, plain = (model.encode_context(context, q, chunk_positions=p) for p in ([positions], None))
+    turn = torch.tensor(positions).repeat_interleave(plain.k[0].size(2) // n)  # entries per chunk
+    cos, sin = rope_cos_sin(rope_inv_freq(model.cfg), turn - turn.div(shift + 1, rounding_mode="floor"))
+    for a, b in zip(gaps.k, plain.k):
+        assert torch.allclose(a, apply_rope(b, cos, sin), atol=1e-3)  # fp32 angles near 2,000 rad
 
 
 @settings(max_examples=25, deadline=None)
@@ -138,7 +148,8 @@ def test_group_size_and_padded_nodes_change_nothing():
     strides = tree.strides(3)
     for c, nodes in enumerate(b.trees[0]):  # one node alone through the same layers, no padding around it
         node = nodes[1]
-        start = sum(tree.entries(tree_nodes, strides) for tree_nodes in b.trees[0][:c]) + tree.entries(nodes[:1], strides)
+        before = [n for chunk in b.trees[0][:c] for n in chunk] + nodes[:1]
+        start = tree.entries(before, strides)
         alone = model.lower(context[:, c * L + node.start:c * L + node.end], strides[node.level - 1])
         e = len(tree.kept_positions(node, strides))
         assert torch.allclose(b.v[1][0, :, start:start + e], alone[1][1][0], atol=1e-5)
@@ -236,7 +247,7 @@ def test_query_aware_descent_finds_a_planted_copy_of_the_query(policy):
         end = (quarter + 1) * L // 4 - (0 if policy == "cosine" else 3)
         context[c, end - qlen:end] = question
     xd = torch.cat([torch.randint(0, V, (20,)), question])[None]
-    query = make_query(model, policy, xd) if policy == "cosine" else model.query_states(xd)[:, -qlen:]
+    query = make_query(model, policy, xd, qlen)
     memory = model.encode_context(context.reshape(1, -1), query)
     for c, quarter in enumerate(quarters):
         finest = [node for node in memory.trees[0][c] if node.level == 3]
@@ -257,7 +268,7 @@ def test_top_chunks_keeps_the_chunks_with_the_question_and_equals_encode_context
     for b, (c, at) in enumerate(zip(context, planted)):
         c[at, 20:26] = question[b % 2]
     xd = torch.cat([torch.randint(0, V, (len(counts), 10), generator=rng), question[[b % 2 for b in range(len(counts))]]], 1)
-    query = model.query_states(xd)[:, -6:]
+    query = make_query(model, "maxsim", xd)
     positions = [sorted(torch.randperm(300, generator=rng)[:n].tolist()) for n in counts] if moved else None
     got = model.encode_context([c.flatten() for c in context], query, chunk_positions=positions, top_chunks=top)
     kept = [[i for i, t in enumerate(trees) if t] for trees in got.trees]

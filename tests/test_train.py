@@ -15,10 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
+import data
 import sharedllm
 import train
 from generate import pick_dtype
-from load_llama import load_adapter, load_llama
+from data import encode_qa
+from load_llama import load_model
 from conftest import pydoc_text, tiny_with_real_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,22 +106,22 @@ def test_checkpoints_hold_only_trainable_tensors(tiny, tmp_path, tune):
         params = {n for n in f.keys() if not n.startswith("optim.")}
         assert params == names and json.loads(f.metadata()["config"])["tune"] == tune
         assert {n.split(".", 2)[2] for n in f.keys() if n.startswith("optim.")} == names
-    model = load_llama(str(tiny), n_inject=2)[0]
-    load_adapter(model, tmp_path / "adapter.safetensors")
-    assert model.cfg.policy == "maxsim"  # the descent it was trained with is generate.py's default
+    model = load_model(str(tiny), str(tmp_path / "adapter.safetensors"))[0]
+    assert (model.cfg.policy, model.cfg.n_inject) == ("maxsim", 2)  # the adapter's record sets the config
 
 
 def test_qa_loss_counts_response_tokens_only_and_query_is_the_last_prompt_token(smollm2):
     tok = smollm2[1]
     document = "word " * 300
-    ids, n, q0, q1, answer_from = train.encode_qa(tok, document, "What is the pass key?", "It is 42.", 64, 64)
+    ids, n, q0, q1, answer_from = encode_qa(tok, document, "What is the pass key?", "It is 42.", 64, 64)
     assert n == (answer_from - 64) // 64 >= 1
     assert tok.decode(ids[q0:q1 + 1]) == "What is the pass key?"
     assert ids[q1 + 1] == tok.token_to_id("<|im_end|>")  # the chat format closes the prompt right after
     context, running, targets, query = train.make_example(ids, n, 64, (q0, q1), answer_from)
     kept = targets[targets != -100].tolist()
     assert kept == ids[answer_from:] and tok.decode(kept, skip_special_tokens=False) == "It is 42.<|im_end|>"
-    assert running[query[1]] == ids[q1] and context.numel() == n * 64
+    assert running[query[1]] == ids[q1] and context.numel() == n * 64  # the question's tokens, then
+    assert running[query[2]] == ids[answer_from - 1] and targets[query[2]] == ids[answer_from]  # the prompt's last
 
 
 def test_retrieval_samples_hide_their_answer_in_the_context_and_validation_wording_is_unseen(smollm2):
@@ -127,9 +129,9 @@ def test_retrieval_samples_hide_their_answer_in_the_context_and_validation_wordi
     filler = tok.encode(pydoc_text()[:200_000]).ids
     for i in range(80):
         split = i % 2
-        document, question, answer = train.retrieval_sample(random.Random(i), filler, tok, 2, 256, 128, split)
-        name = next((n for n in train.NAMES if n in question), "")
-        thing = next((t for t in train.THINGS if t in question), "")
+        document, question, answer = data.retrieval_sample(random.Random(i), filler, tok, 2, 256, 128, split)
+        name = next((n for n in data.NAMES if n in question), "")
+        thing = next((t for t in data.THINGS if t in question), "")
         questions[split].add(question.replace(name or "-", "X").replace(thing or "-", "Y"))  # the wording
         if "pass key" in question:
             assert answer.startswith("The pass key is ") and answer[16:-1] in document
@@ -146,10 +148,10 @@ def test_in_running_puts_the_asked_fact_in_the_running_text_and_lookups_get_thei
     filler = tok.encode(pydoc_text()[:200_000]).ids
     for i in range(24):
         args = (filler, tok, 1 + i % 3, L, D)
-        doc, question, answer = train.retrieval_sample(random.Random(i), *args, 0, ("passkey", "lookup"), 4, True)
-        ids, n, q0, q1, a = train.encode_qa(tok, doc, question, answer, L, D)
+        doc, question, answer = data.retrieval_sample(random.Random(i), *args, 0, ("passkey", "lookup"), 4, True)
+        ids, n, q0, q1, a = encode_qa(tok, doc, question, answer, L, D)
         context, running, _, _ = train.make_example(ids, n, L, (q0, q1), a)
-        fresh, _, p_ids, _, p_a = train.pooled_sample(random.Random(i), *args, 5, 0, ("passkey", "lookup"), 4, True)
+        fresh, _, p_ids, _, p_a = data.pooled_sample(random.Random(i), *args, 5, 0, ("passkey", "lookup"), 4, True)
         for ctx, run, said in ((context, running[:a - n * L].tolist(), answer), (fresh, p_ids[:p_a], tok.decode(
                 p_ids[p_a:]))):
             key = said.split()[-1][:-1]
@@ -161,9 +163,9 @@ def test_in_running_puts_the_asked_fact_in_the_running_text_and_lookups_get_thei
 @pytest.mark.parametrize("tasks", [("passkey", "lookup", "quote"), ("passkey", "lookup"), ("quote",)])
 def test_tasks_choose_which_retrieval_tasks_are_drawn(tasks):
     def kind(answer):
-        return "passkey" if "pass key" in answer else "lookup" if any(t in answer for t in train.THINGS) else "quote"
+        return "passkey" if "pass key" in answer else "lookup" if any(t in answer for t in data.THINGS) else "quote"
     rng, fmt = random.Random(0), lambda: "12345"
-    drawn = [kind(train.retrieval_task(rng, fmt, 2, 0, tasks)[2]) for _ in range(300)]
+    drawn = [kind(data.retrieval_task(rng, fmt, 2, 0, tasks)[2]) for _ in range(300)]
     assert set(drawn) == set(tasks)
     if len(tasks) == 2:  # shares renormalised: 0.4 and 0.3 -> 4/7 and 3/7
         assert abs(drawn.count("passkey") / 300 - 4 / 7) < 0.1
@@ -174,7 +176,7 @@ def test_pooled_samples_hide_their_facts_in_fresh_chunks(smollm2):
     filler = tok.encode(pydoc_text()[:200_000]).ids
     for i in range(40):
         n_ctx = 1 + i % 7
-        fresh, order, ids, (q0, q1), a = train.pooled_sample(random.Random(i), filler, tok, n_ctx, L, D, 5)
+        fresh, order, ids, (q0, q1), a = data.pooled_sample(random.Random(i), filler, tok, n_ctx, L, D, 5)
         assert len(order) == n_ctx and order[0] == -1 and all(r == -1 or 0 <= r < 5 for r in order)
         assert fresh.shape == (order.count(-1), L)
         assert tok.decode(fresh[0].tolist(), skip_special_tokens=False).startswith("<|im_start|>user\n")
@@ -270,6 +272,7 @@ def test_bad_inputs(tiny, tmp_path, capsys, monkeypatch):
     fails(base_args(tiny, tmp_path / "fresh", "--resume"), "no checkpoint at")
     fails(base_args(tiny, tmp_path / "o") + ["--chunk", "32", "--seq", "192", "--pool", "4"], "--pool needs --chunk 64")
     fails(base_args(tiny, tmp_path / "o", "--min_chunks", "9", "--max_chunks", "3"), "--min_chunks 9 is more than")
+    fails(base_args(tiny, tmp_path / "o", "--pool", "4", "--tune", "all"), "the pool would go stale")
     fails(base_args(tiny, tmp_path / "fresh", "--init", str(tmp_path / "no.safetensors")), "--init")
 
 

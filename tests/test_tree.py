@@ -90,18 +90,18 @@ def test_phrase_maxsim_ranks_the_adjacent_pair_above_the_same_tokens_apart():
     apart = eye[[1, 0, 2, 0, 3, 0]][None]  # the same tokens, never adjacent
     ones = torch.ones(1, 6, dtype=torch.bool)
     assert tree.maxsim(together, ones, query[None]) == tree.maxsim(apart, ones, query[None])  # tokens alone tie
-    assert tree.phrase_maxsim(together, query)[0].tolist() == [[1.0, 1.0]]  # one score per question pair
-    assert tree.phrase_maxsim(apart, query)[0].tolist() == [[0.0, 0.0]]
-    assert tree.phrase_maxsim(apart, query[:1])[0].tolist() == [[1.0]]  # one question token: plain MaxSim
-    assert tree.phrase_maxsim(apart, query)[1].tolist() == [[1.0, 1.0, 1.0]]  # and each token's best match
+    assert tree.phrase_cosines(together, query)[0].tolist() == [[1.0, 1.0]]  # one score per question pair
+    assert tree.phrase_cosines(apart, query)[0].tolist() == [[0.0, 0.0]]
+    assert tree.phrase_cosines(apart, query[:1])[0].tolist() == [[1.0]]  # one question token: plain MaxSim
+    assert tree.phrase_cosines(apart, query)[1].tolist() == [[1.0, 1.0, 1.0]]  # and each token's best match
 
 
 def test_rarity_weighting_ranks_the_one_rare_match_above_matches_every_chunk_has():
     common = [1.0, 1.0, 0.0]  # pairs like "what is" and "the" match every filler chunk; the rare pair does not
     pairs = torch.tensor([common, common, common, [0.2, 0.2, 1.0]])  # the key's chunk: the rare pair only
     assert pairs.sum(-1).argmax() != 3  # summed as they are, the filler wins
-    assert tree.rarity_weighted(pairs).argmax() == 3
-    scores = tree.rarity_weighted(torch.tensor([[1.0, 0.5], [1.0, 0.0]]))  # a pair equal everywhere counts 0
+    assert tree.rarity_weighted_sum(pairs).argmax() == 3
+    scores = tree.rarity_weighted_sum(torch.tensor([[1.0, 0.5], [1.0, 0.0]]))  # a pair equal everywhere counts 0
     assert torch.allclose(scores, torch.tensor([0.375, 0.0]))
 
 
@@ -110,8 +110,8 @@ def test_idf_counts_a_token_by_how_few_chunks_contain_it():
                            [0.95, 0.3, 0.2],
                            [0.95, 0.3, 0.95],  # a token two of four chunks have
                            [0.95, 0.3, 0.95]])
-    assert torch.allclose(tree.idf(tokens), torch.tensor([1.0, 0.0, 0.5, 0.5]))  # log(4/1), log(4/2) over log 4
-    assert torch.equal(tree.idf(tokens, threshold=0.99), torch.zeros(4))  # nothing matches: nothing counts
+    assert torch.allclose(tree.contained_idf(tokens), torch.tensor([1.0, 0.0, 0.5, 0.5]))  # log(4/1), log(4/2) over log 4
+    assert torch.equal(tree.contained_idf(tokens, threshold=0.99), torch.zeros(4))  # nothing matches: nothing counts
 
 
 
@@ -126,6 +126,6 @@ def test_an_exact_rare_pair_outranks_chunks_that_match_many_words_weakly():
     tokens = torch.full((n, 5), 0.3)
     tokens[:, :2] = 0.95  # "pass", "key": in every chunk
     tokens[1:3, 2:] = 0.95  # rarer words, in two filler chunks
-    shipped_before = tree.rarity_weighted(pairs) + 0.5 * tree.idf(tokens)
+    shipped_before = tree.rarity_weighted_sum(pairs) + 0.5 * tree.contained_idf(tokens)
     assert shipped_before.argmax() != 0  # the rare words of the filler won
     assert tree.chunk_scores(pairs, tokens).argmax() == 0
