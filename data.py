@@ -140,7 +140,8 @@ def encode_qa(tokenizer, document, prompt, response, L, D):
 # wordings; index 1: held out.
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-NEEDLES = [[NEEDLE, "Remember this pass key: {key}.", "Note that the pass key is {key}, keep it in mind.",
+NEEDLES = [[NEEDLE, "Remember this pass key: {key}.",
+            "Note that the pass key is {key}, keep it in mind.",
             "The secret pass key you will need later is {key}."],
            ["Important: the pass key is {key}.", "Keep this pass key safe: {key}."]]
 QUESTIONS = [["What is the pass key?", "Which pass key was mentioned in the text?",
@@ -209,8 +210,8 @@ def retrieval_task(rng, key_format, n_facts, split, tasks=tuple(TASKS), lookup_f
         question = rng.choice(LOOKUPS[split]).format(thing=thing, name=names[0])
         return facts, question, f"The {thing} of {names[0]} is {keys[0]}."
     names = rng.sample(NAMES, n_facts)  # a fact to quote: the answer is the hidden sentence itself
-    facts = [rng.choice(QUOTES[split]).format(name=n, item=rng.choice(ITEMS), place=rng.choice(PLACES))
-             for n in names]
+    facts = [rng.choice(QUOTES[split]).format(name=n, item=rng.choice(ITEMS),
+                                              place=rng.choice(PLACES)) for n in names]
     return facts, rng.choice(QUOTE_QUESTIONS[split]).format(name=names[0]), facts[0]
 
 
@@ -229,7 +230,7 @@ def retrieval_sample(rng, filler, tokenizer, n_ctx, L, D, split=0, tasks=tuple(T
     cuts += sorted(rng.randrange(in_context) for _ in facts[len(cuts):])  # a lookup's extra facts
     order = list(range(len(cuts)))
     rng.shuffle(order)
-    if in_running:  # ~4 characters a token: within the last D/2 tokens, which the running text holds
+    if in_running:  # ~4 characters a token: within the last D/2 tokens, the running text's
         cuts[order.index(0)] = len(text) - rng.randrange(1, 2 * D)
     return insert(text, [(cut, facts[i]) for cut, i in zip(cuts, order)]), question, answer
 
@@ -256,7 +257,7 @@ def pooled_sample(rng, filler, tokenizer, n_ctx, L, D, pool_size, split=0, tasks
             order.append(rng.randrange(pool_size))
             continue
         room = L - len(head) * (c == 0) - sum(map(len, mine))
-        assert room > 0, f"--chunk {L} cannot hold the facts of a retrieval sample; use a longer one"
+        assert room > 0, f"--chunk {L} cannot hold a retrieval sample's facts; use a longer one"
         start = rng.randrange(len(filler) - room)
         body = filler[start:start + room]
         for ids in mine:  # each fact at a random token offset
