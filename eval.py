@@ -354,7 +354,8 @@ def run_tree(args, model, tokenizer):
               interpolation="nearest")
     ax.plot([at % L], [at // L], marker="<", color="red", markersize=9, label="the pass key")
     for d, s in enumerate(strides, 1):
-        ax.plot([], [], "s", color=colours[d], label=f"level {d}: every {s}th token kept")
+        every = {1: "every token", 2: "every 2nd token"}.get(s, f"every {s}th token")
+        ax.plot([], [], "s", color=colours[d], label=f"level {d}: {every} kept")
     kept = sum(map(bool, memory.trees[0]))
     ax.set(xlabel="token offset in the chunk", ylabel="chunk (text order)",
            title=f"{'the paper' if args.paper else 'this project'}: {cfg.policy} descent, "

@@ -326,7 +326,8 @@ class Transformer(nn.Module):
         x1: layer 0's output, when the policy already computed it."""
         N, l = tokens.shape
         M, Hkv, D = self.cfg.n_inject, self.cfg.n_kv_heads, self.cfg.head_dim
-        cos, sin = rope_cos_sin(rope_inv_freq(self.cfg, tokens.device), torch.arange(l))
+        positions = torch.arange(l, device=tokens.device)
+        cos, sin = rope_cos_sin(rope_inv_freq(self.cfg, tokens.device), positions)
         x, kv = self.tok_embeddings(tokens), []
         for j, layer in enumerate(self.layers[:M]):  # weight sharing: the lower model *is* these
             h = layer.attention_norm(x[:, ::stride])  # strided downsampling: every s-th position
@@ -377,8 +378,9 @@ class Transformer(nn.Module):
         return memory
 
     def encode_group(self, tokens, query=None, generator=None):
-        """Steps 1-2 of encode_context for a group of chunks (G, L) -> (each chunk's preserved
-        nodes, each chunk's per-layer (k, v), (Hkv, E, D) each, in text order); query (G, q+1, C)"""
+        """Steps 1-2 of encode_context for a group of chunks (G, L), query (G, q + 1, C) or None ->
+        (each chunk's preserved nodes, each chunk's per-layer (k, v), (Hkv, E, D), in text
+        order)."""
         G, cfg = len(tokens), self.cfg
         strides, layer0 = tree.strides(cfg.tree_depth, cfg.finest_stride), {}
 
@@ -394,8 +396,8 @@ class Transformer(nn.Module):
             return tree.choose_child(cfg.policy, states[:G], mask[:G], states[G:], mask[G:], query)
 
         # 1. Split and descend (Sec. 3.1); split noise sigma = l/5 without a question, l/10 with.
-        sigma = 0.2 if query is None else 0.1
-        nodes = tree.descend(G, cfg.chunk_len, cfg.tree_depth, choose, generator, sigma)
+        nodes = tree.descend(G, cfg.chunk_len, cfg.tree_depth, choose, generator,
+                             sigma_frac=0.2 if query is None else 0.1)
         # 2. The lower pass: all nodes of one level, across chunks, as one batch.
         kv_of = {}
         for level in range(1, cfg.tree_depth + 1):

@@ -84,9 +84,17 @@ def test_speed_with_a_question_builds_the_tree_as_generate_does(tiny):
     assert kept == 2 < n <= 8 and n * 1024 + running <= 10240 + 64  # a question keeps 2, whatever the policy
 
 
+def test_paper_keeps_every_chunk_and_the_papers_running_text(tiny):
+    r = run("speed", "--model", str(tiny), "--adapter", "none", "--lengths", "10240", "--new_tokens", "2",
+            "--modes", "sharedllm", "--question", "--paper")
+    assert r.returncode == 0, r.stderr
+    kept, n, running = map(int, re.findall(r"^\| 10240 \| sharedllm \| (\d+) of (\d+) \| (\d+) \|", r.stdout, re.M)[0])
+    assert kept == n == 5 and 4096 <= running < 4096 + 1024  # every chunk; D = 4,096, as the paper trains
+
+
 def test_kept_at_text_gives_the_kept_chunks_their_places_in_the_text(tiny):
     import eval as bench
-    from generate import load_model
+    from load_llama import load_model
     model, tokenizer, _ = load_model(str(tiny), "none")
     seen, encode = [], model.encode_context
     model.encode_context = lambda context, query=None, **kw: seen.append(kw.get("chunk_positions")) or encode(
