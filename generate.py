@@ -71,8 +71,7 @@ PAPER = {"policy": "cosine", "finest_stride": 4, "logn": "off", "top_chunks": 0,
 def add_method_flags(p):
     """The flags that choose the method (also eval.py's); the adapter's record fills the rest."""
     p.add_argument("--paper", action="store_true", help="the paper's method: cosine descent, "
-                   "strides 16/8/4, every chunk kept, no log-n, 4,096 running tokens, and the QA "
-                   "adapter trained that way")
+                   "strides 16/8/4, every chunk kept, no log-n, 4,096 running tokens")
     p.add_argument("--policy", choices=["cosine", "maxsim"], help="descent with a question: the "
                    "paper's last-token cosine, or token-level MaxSim (default: the adapter's)")
     p.add_argument("--finest_stride", type=at_least(1), help="keep every s-th token of the finest "
@@ -91,7 +90,7 @@ def method(args) -> dict:
         if args.paper and getattr(args, key) is None:
             setattr(args, key, value)
     logn = None if args.logn is None else args.logn == "on"
-    return dict(policy=args.policy, finest_stride=args.finest_stride, logn=logn, paper=args.paper)
+    return dict(policy=args.policy, finest_stride=args.finest_stride, logn=logn)
 
 
 parser = argparse.ArgumentParser(description="Generate from a long file with SharedLLM.")

@@ -180,26 +180,24 @@ ADAPTER_CONFIG = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "n_i
 SETTINGS = ("n_inject", "chunk_len", "tree_depth", "finest_stride", "policy", "logn")
 ADAPTERS = Path(__file__).parent / "adapters"
 SHIPPED = {"lm": ADAPTERS / "smollm2-135m.safetensors",  # continuing a text
-           "qa": ADAPTERS / "smollm2-135m-qa.safetensors",  # answering a question
-           "qa-paper": ADAPTERS / "smollm2-135m-qa-paper.safetensors"}  # the same, the paper's way
+           "qa": ADAPTERS / "smollm2-135m-qa.safetensors"}  # answering a question
 
 
-def shipped_adapter(path, question: bool, paper: bool = False) -> str:
-    """'auto': for the default model, the question-answering adapter when there is a question (the
-    one trained the paper's way with --paper), else the language-modelling one; else 'none'."""
-    kinds = (["qa-paper"] * paper + ["qa"]) * question + ["lm"]
-    found = [SHIPPED[k] for k in kinds if SHIPPED[k].exists()] if path == "smollm2-135m" else []
-    return str(found[0]) if found else "none"
+def shipped_adapter(path, question: bool) -> str:
+    """'auto': for the default model, the question-answering adapter when there is a question,
+    else the language-modelling one; 'none' for other models."""
+    found = [SHIPPED[k] for k in ["qa"] * question + ["lm"] if SHIPPED[k].exists()]
+    return str(found[0]) if found and path == "smollm2-135m" else "none"
 
 
 def load_model(path="smollm2-135m", adapter="none", device="cpu", dtype=torch.float32,
-               question=False, paper=False, **overrides):
+               question=False, **overrides):
     """The one place a configuration is decided: the checkpoint's config.json, then the adapter's
     record (the settings it was trained with), then `overrides` (the command line; None: not given),
     with one warning line where they differ. adapter: a file, 'none' (gates at 0) or 'auto'
     (shipped_adapter) -> (model, tokenizer, the adapter's path or 'none')."""
     if adapter == "auto":
-        adapter = shipped_adapter(path, question, paper)
+        adapter = shipped_adapter(path, question)
     trained = read_adapter(adapter, tensors=False)[0] if adapter != "none" else {}
     given = {k: v for k, v in overrides.items() if v is not None}
     differ = [k for k in given if k in trained and trained[k] != given[k]]

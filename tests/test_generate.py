@@ -107,16 +107,14 @@ def test_the_shipped_bf16_adapters_load_into_a_model_of_either_dtype(smollm2, dt
 
 
 def test_auto_picks_the_question_answering_adapter_for_a_question_where_one_is_shipped(tmp_path, monkeypatch):
-    for kind in ("lm", "qa", "qa-paper"):
+    for kind in ("lm", "qa"):
         monkeypatch.setitem(SHIPPED, kind, tmp_path / f"{kind}.safetensors")
-    pick = lambda q, paper=False: load_llama.shipped_adapter("smollm2-135m", q, paper)  # noqa: E731
+    pick = lambda question: load_llama.shipped_adapter("smollm2-135m", question)  # noqa: E731
     assert [pick(False), pick(True)] == ["none", "none"]
     SHIPPED["lm"].write_bytes(b"")
     assert [pick(False), pick(True)] == [str(SHIPPED["lm"])] * 2
     SHIPPED["qa"].write_bytes(b"")
-    assert [pick(False), pick(True), pick(True, True)] == [str(SHIPPED[k]) for k in ("lm", "qa", "qa")]
-    SHIPPED["qa-paper"].write_bytes(b"")  # --paper: the one trained the paper's way, for questions only
-    assert [pick(False, True), pick(True), pick(True, True)] == [str(SHIPPED[k]) for k in ("lm", "qa", "qa-paper")]
+    assert [pick(False), pick(True)] == [str(SHIPPED["lm"]), str(SHIPPED["qa"])]
     assert load_llama.shipped_adapter("/some/llama", True) == "none"  # trained for another model: none
 
 
@@ -124,10 +122,10 @@ def test_paper_sets_every_departure_back_and_a_flag_given_wins():
     paper = method(parser.parse_args(["--paper", "--running", "2048"]))
     args = parser.parse_args(["--paper", "--running", "2048"])
     method(args)
-    assert paper == dict(policy="cosine", finest_stride=4, logn=False, paper=True)
+    assert paper == dict(policy="cosine", finest_stride=4, logn=False)
     assert (args.top_chunks, args.running) == (0, 2048)  # every chunk kept; the explicit --running stays
     plain = parser.parse_args([])
-    assert method(plain) == dict(policy=None, finest_stride=None, logn=None, paper=False)  # the adapter's
+    assert method(plain) == dict(policy=None, finest_stride=None, logn=None)  # the adapter's
     assert (plain.top_chunks, plain.running) == (None, None)  # prepare's defaults: 2 chunks, 1,024 / 4,096
 
 
