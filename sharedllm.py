@@ -518,10 +518,11 @@ class Transformer(nn.Module):
         nodes, kv = [None] * len(rows), [None] * len(rows)
         trees = tree.descend(len(old), cfg.chunk_len, cfg.tree_depth, choose) if old else []
         for i, chunk in zip(old, trees):
-            nodes[i] = chunk
-            kv[i] = join([[(k[rows[i], n.start // (cfg.chunk_len >> n.level)],
-                            v[rows[i], n.start // (cfg.chunk_len >> n.level)])
-                           for k, v in pool.kv[n.level - 1]] for n in chunk])
+            nodes[i], parts = chunk, []
+            for n in chunk:  # the pool's copy of each kept node: row, candidate at its level
+                r, c = rows[i], n.start // (cfg.chunk_len >> n.level)
+                parts.append([(k[r, c], v[r, c]) for k, v in pool.kv[n.level - 1]])
+            kv[i] = join(parts)
         if new:  # chunks seen once: only the nodes their descent keeps go through the lower pass
             new_nodes, new_kv = self.encode_group(fresh, None if query is None else queries[new])
             for r, i in enumerate(new):
