@@ -71,9 +71,11 @@ passkey = command("passkey", "pass-key accuracy, length x depth", [8192, 32768, 
 passkey.add_argument("--task", choices=["passkey", "lookup"], default="passkey", help="passkey: "
                      "one key; lookup: the named fact asked for among --facts of one kind")
 passkey.add_argument("--facts", default=4, help="lookup: named facts hidden, the others anywhere",
-                     type=checked(int, lambda n: 1 <= n <= len(NAMES), f"1 to {len(NAMES)}"))
+                     type=checked(int, lambda n: 1 <= n <= len(NAMES),
+                                  f"a lookup hides 1 to {len(NAMES)} named facts"))
 passkey.add_argument("--depths", nargs="+", default=[0, 0.25, 0.5, 0.75, 1],
-                     type=checked(float, lambda d: 0 <= d <= 1, "a depth is a fraction of 0 to 1"),
+                     type=checked(float, lambda d: 0 <= d <= 1,
+                                  "a depth is a fraction from 0 to 1"),
                      help="needle depths (fractions)")
 passkey.add_argument("--trials", type=at_least(1), default=4, help="keys per length and depth")
 passkey.add_argument("--kept_at", choices=["0..k-1", "text"], default="0..k-1", help="where kept "
